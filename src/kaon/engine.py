@@ -1,0 +1,257 @@
+"""How an update rule is run.
+
+An optimizer describes, for each parameter, the shape its rule sees (``view_shape``) and the
+state slots it keeps (``state_slots``: a name, a codec and a shape each), and writes one update
+rule over tensors with a leading batch dimension. The engine does everything else:
+
+1. **plan**: bucket the parameters of a group that have gradients by (view shape, parameter
+   dtype, gradient dtype, device, state layout); tensors above the effective cutoff, or every
+   tensor when ``foreach=False``, run alone. Buckets are split into chunks of at most
+   ``budget`` elements. Plans are cached per group and rebuilt when the set of parameters with
+   gradients or a layout-relevant hyperparameter changes. Planning also creates missing state
+   and checks that existing state matches the layout.
+2. **run a chunk**: stack gradients and stored state (a chunk of one uses views, no copies),
+   decode state to fp32, call the rule, mask parameters with non-finite gradients, encode the
+   new state into the stored tensors, and write the step into the parameters with the group's
+   precision method.
+
+Per-parameter execution is the chunk-of-one case of the same code, so the batched path equals
+the per-parameter path by construction (bit-for-bit on CPU fp32: every reduction in the rules
+is per slice and order-independent, see :mod:`kaon.ops`).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from kaon import ops, precision
+from kaon.state.codecs import Codec, FloatCodec
+
+if TYPE_CHECKING:
+    from kaon.optimizer import KaonOptimizer
+
+__all__ = ["Slot", "Batch", "run_group", "stack_budget", "effective_cutoff"]
+
+SHIFT = "shift"
+_MAX_PLANS_PER_GROUP = 8
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One state slot of a parameter: stored under ``name`` (+ codec suffixes)."""
+
+    name: str
+    codec: Codec
+    shape: tuple[int, ...]
+
+    @property
+    def signature(self) -> tuple:
+        return (self.name, self.codec.key, self.shape)
+
+    def keys(self) -> list[str]:
+        return [self.name + suffix for suffix in self.codec.suffixes]
+
+
+class Batch:
+    """What an update rule sees for one chunk of ``size`` parameters of one group.
+
+    ``grad`` is the fp32 gradient ``[N, *view]`` (negated when the group maximizes), ``state``
+    maps slot names to decoded fp32 tensors, ``group`` is the parameter group. ``param`` is the
+    fp32 parameter stack, built on first use. Inputs are read-only: they may alias the live
+    gradient, parameter or stored state. The rule returns ``(delta, new_state)``; the engine
+    applies ``p <- p - delta``.
+    """
+
+    __slots__ = ("grad", "state", "group", "params", "view", "_param")
+
+    def __init__(self, grad, state, group, params, view) -> None:
+        self.grad: Tensor = grad
+        self.state: dict[str, Tensor] = state
+        self.group: dict[str, Any] = group
+        self.params: list[Tensor] = params
+        self.view: tuple[int, ...] = view
+        self._param: Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.params)
+
+    @property
+    def param(self) -> Tensor:
+        if self._param is None:
+            if len(self.params) == 1:
+                self._param = self.params[0].detach().reshape(1, *self.view).float()
+            else:
+                self._param = torch.stack(
+                    [p.detach().reshape(self.view) for p in self.params]
+                ).float()
+        return self._param
+
+
+@dataclass
+class _Chunk:
+    params: list[Tensor]
+    view: tuple[int, ...]
+    slots: tuple[Slot, ...]
+
+
+def stack_budget(opt: KaonOptimizer, device: torch.device) -> int:
+    """Largest number of elements stacked into one chunk.
+
+    An explicit ``foreach_stack_budget`` is used as given. Otherwise: on CUDA 5 % of the
+    device's total memory divided by the optimizer's transient bytes per element, at least 262,144
+    and at most 4x the cutoff; elsewhere 4x the cutoff (at most 64M). The budget depends only on
+    the device, never on free memory, so chunking (and with it the stochastic-rounding stream) is
+    the same after a resume.
+    """
+    if opt.foreach_stack_budget is not None:
+        return opt.foreach_stack_budget
+    ceiling = 4 * opt.foreach_batch_cutoff
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return max(262_144, min(int(total * 0.05 / opt.bytes_per_element), ceiling))
+    return min(64_000_000, ceiling)
+
+
+def effective_cutoff(opt: KaonOptimizer, device: torch.device) -> int:
+    """Tensors up to this many elements are batched: at least two must fit in a chunk."""
+    return min(opt.foreach_batch_cutoff, stack_budget(opt, device) // 2)
+
+
+def _layout(opt: KaonOptimizer, p: Tensor, group: dict) -> tuple[tuple[int, ...], tuple]:
+    view = tuple(opt.view_shape(p, group))
+    slots = list(opt.state_slots(p, group, view))
+    if precision.needs_shift(p.dtype, group["bf16_method"]):
+        slots.append(Slot(SHIFT, FloatCodec(p.dtype), view))
+    return view, tuple(slots)
+
+
+def _ensure_state(opt: KaonOptimizer, p: Tensor, slots: tuple[Slot, ...]) -> None:
+    state = opt.state[p]
+    if not any(isinstance(v, Tensor) for v in state.values()):
+        for slot in slots:
+            for suffix, tensor in slot.codec.init(slot.shape, p.device).items():
+                state[slot.name + suffix] = tensor
+        return
+    for slot in slots:
+        expected = slot.codec.init(slot.shape, torch.device("meta"))
+        for suffix, ref in expected.items():
+            key = slot.name + suffix
+            have = state.get(key)
+            if not isinstance(have, Tensor) or have.shape != ref.shape or have.dtype != ref.dtype:
+                found = "missing" if have is None else f"{tuple(have.shape)} {have.dtype}"
+                raise ValueError(
+                    f"{type(opt).__name__}: stored state {key!r} of a parameter of shape "
+                    f"{tuple(p.shape)} is {found}, but the group's settings need "
+                    f"{tuple(ref.shape)} {ref.dtype} ({slot.codec.describe()}). The state was "
+                    "created with other settings (momentum_dtype, betas, momentum_4bit_block or "
+                    "bf16_method changed, or a checkpoint from another configuration was loaded)."
+                )
+
+
+def _plan(opt: KaonOptimizer, group: dict, params: list[Tensor]) -> list[_Chunk]:
+    buckets: OrderedDict[tuple, list[Tensor]] = OrderedDict()
+    layouts: dict[tuple, tuple[tuple[int, ...], tuple[Slot, ...]]] = {}
+    chunks: list[_Chunk] = []
+    for p in params:
+        view, slots = _layout(opt, p, group)
+        _ensure_state(opt, p, slots)
+        if opt.foreach and p.numel() <= effective_cutoff(opt, p.device):
+            key = (view, p.dtype, p.grad.dtype, p.device, tuple(s.signature for s in slots))
+            buckets.setdefault(key, []).append(p)
+            layouts[key] = (view, slots)
+        else:
+            chunks.append(_Chunk([p], view, slots))
+    for key, members in buckets.items():
+        view, slots = layouts[key]
+        per_chunk = max(1, stack_budget(opt, members[0].device) // max(1, members[0].numel()))
+        for start in range(0, len(members), per_chunk):
+            chunks.append(_Chunk(members[start : start + per_chunk], view, slots))
+    return chunks
+
+
+def _plan_key(opt: KaonOptimizer, group: dict, params: list[Tensor]) -> tuple:
+    settings = tuple(repr(group.get(k)) for k in opt.layout_keys)
+    grads = tuple(p.grad.dtype for p in params)
+    return (tuple(map(id, params)), grads, settings, opt.foreach, opt.foreach_batch_cutoff,
+            opt.foreach_stack_budget)
+
+
+def run_group(opt: KaonOptimizer, group: dict, params: list[Tensor]) -> None:
+    """Run the optimizer's rule over ``params`` (all with gradients) of ``group``."""
+    if not params:
+        return
+    cache = opt._plans.setdefault(id(group), OrderedDict())
+    key = _plan_key(opt, group, params)
+    chunks = cache.get(key)
+    if chunks is None:
+        chunks = _plan(opt, group, params)
+        cache[key] = chunks
+        while len(cache) > _MAX_PLANS_PER_GROUP:
+            cache.popitem(last=False)
+    for chunk in chunks:
+        _run_chunk(opt, group, chunk)
+
+
+def _stack(tensors: list[Tensor]) -> Tensor:
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def _store(states: list[dict], key: str, new: Tensor, old: Tensor) -> None:
+    if len(states) == 1:
+        if new.data_ptr() != old.data_ptr() or new.stride() != old.stride():
+            old.copy_(new)
+    else:
+        torch._foreach_copy_([s[key] for s in states], list(new.unbind(0)))
+
+
+def _keep_where(finite: Tensor | None, new: Tensor, old: Tensor) -> Tensor:
+    if finite is None:
+        return new
+    return torch.where(finite.view(-1, *([1] * (new.ndim - 1))), new, old)
+
+
+def _run_chunk(opt: KaonOptimizer, group: dict, chunk: _Chunk) -> None:
+    params, view, slots = chunk.params, chunk.view, chunk.slots
+    states = [opt.state[p] for p in params]
+    grad = _stack([p.grad.reshape(view) for p in params]).float()
+    if group.get("maximize", False):
+        grad = -grad
+    stored = {key: _stack([s[key] for s in states]) for slot in slots for key in slot.keys()}
+
+    finite = None
+    if opt.nonfinite_grad == "skip":
+        finite = torch.isfinite(ops.sum(grad.reshape(len(params), -1)))
+        if finite.device.type == "cpu" and bool(finite.all()):
+            finite = None  # nothing to mask; on CPU this check costs no device sync
+
+    decoded = {
+        slot.name: slot.codec.decode({sfx: stored[slot.name + sfx] for sfx in slot.codec.suffixes},
+                                     slot.shape)
+        for slot in slots
+        if slot.name != SHIFT
+    }
+    batch = Batch(grad, decoded, group, params, view)
+    delta, new_state = opt.update(batch)
+    if finite is not None:
+        delta = torch.where(finite.view(-1, *([1] * len(view))), delta, 0.0)
+
+    for slot in slots:
+        if slot.name == SHIFT:
+            continue
+        for suffix, tensor in slot.codec.encode(new_state[slot.name]).items():
+            key = slot.name + suffix
+            _store(states, key, _keep_where(finite, tensor, stored[key]), stored[key])
+
+    shift = stored.get(SHIFT)
+    new_shift = precision.apply_step(
+        params, delta, group["bf16_method"], opt._generator(params[0].device),
+        batch._param, shift,
+    )
+    if new_shift is not None and shift is not None:
+        _store(states, SHIFT, _keep_where(finite, new_shift, shift), shift)

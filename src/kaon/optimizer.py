@@ -1,0 +1,293 @@
+"""``KaonOptimizer``: the torch optimizer contract every kaon optimizer shares.
+
+A subclass supplies its hyperparameter checks, its state layout (``view_shape`` and
+``state_slots``) and its update rule (``update``); see ``docs/architecture.md``. This class does
+the rest: validation before anything changes, lazy state, ``step()`` with closure support, the
+per-parameter entry used by fused-backward trainers, the non-finite gradient policy, the
+stochastic-rounding random stream, dtype-preserving checkpoints and memory accounting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from kaon import engine
+from kaon.engine import Batch, Slot
+from kaon.validation import Check, check_all, choice, integer
+
+__all__ = ["KaonOptimizer", "NONFINITE_POLICIES"]
+
+NONFINITE_POLICIES = ("skip", "raise")
+_CHECKPOINT_KEY = "kaon"
+_MAX_SEED = 2**63 - 1
+
+
+class KaonOptimizer(torch.optim.Optimizer):
+    """Base class of every kaon optimizer (a ``torch.optim.Optimizer``).
+
+    Optimizer-level arguments, shared by all subclasses:
+
+    foreach (bool, default True)
+        Batch same-shaped tensors into one call of the update rule. Results are bit-identical to
+        ``foreach=False`` on CPU fp32.
+    foreach_batch_cutoff (int, default 2_000_000)
+        Tensors with more elements run alone.
+    foreach_stack_budget (int | None, default None)
+        Maximum elements per stacked chunk; ``None`` derives it from the device (see
+        :func:`kaon.engine.stack_budget`).
+    nonfinite_grad ("skip" | "raise", default "skip")
+        What a gradient containing NaN or Inf does. ``"skip"``: that parameter's weights and state
+        are left exactly as they were for this step (decided per tensor on the device, without a
+        host sync); the other parameters step normally. ``"raise"``: check every gradient first
+        and raise ``FloatingPointError`` naming the parameter before anything changes (one host
+        sync per step).
+    seed (int | None, default None)
+        Seed of the stochastic-rounding random stream; ``None`` takes ``torch.initial_seed()``.
+        The stream's state is saved in ``state_dict()``.
+    """
+
+    #: per-hyperparameter checks, run on the defaults and on every added group
+    hyperparameter_checks: ClassVar[dict[str, Check]] = {}
+    #: group keys whose change alters the state layout (triggers re-planning and layout checks)
+    layout_keys: ClassVar[tuple[str, ...]] = ("bf16_method",)
+    #: worst-case transient fp32 bytes per element of a batched step (sizes the stack budget)
+    bytes_per_element: ClassVar[int] = 48
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        defaults: dict[str, Any],
+        *,
+        foreach: bool = True,
+        foreach_batch_cutoff: int = 2_000_000,
+        foreach_stack_budget: int | None = None,
+        nonfinite_grad: str = "skip",
+        seed: int | None = None,
+    ) -> None:
+        owner = type(self).__name__
+        if not isinstance(foreach, bool):
+            raise TypeError(f"{owner}: foreach must be True or False; got {foreach!r}")
+        check_all({"foreach_batch_cutoff": integer(1)},
+                  {"foreach_batch_cutoff": foreach_batch_cutoff}, owner)
+        if foreach_stack_budget is not None:
+            check_all({"foreach_stack_budget": integer(1)},
+                      {"foreach_stack_budget": foreach_stack_budget}, owner)
+        check_all({"nonfinite_grad": choice(*NONFINITE_POLICIES)},
+                  {"nonfinite_grad": nonfinite_grad}, owner)
+        if seed is not None:
+            check_all({"seed": integer(0)}, {"seed": seed}, owner)
+        check_all(self.hyperparameter_checks, defaults, owner)
+        if isinstance(params, Tensor):
+            raise TypeError(
+                f"{owner}: params must be an iterable of tensors or of dicts; got a single "
+                "Tensor (wrap it in a list)"
+            )
+        self.foreach = foreach
+        self.foreach_batch_cutoff = foreach_batch_cutoff
+        self.foreach_stack_budget = foreach_stack_budget
+        self.nonfinite_grad = nonfinite_grad
+        self.seed = int(seed if seed is not None else torch.initial_seed()) % _MAX_SEED
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._plans: dict[int, Any] = {}
+        super().__init__(params, defaults)
+
+    # ---------------------------------------------------------------- what a subclass supplies
+    def view_shape(self, p: Tensor, group: dict[str, Any]) -> tuple[int, ...]:
+        """The shape the rule sees for ``p`` (default: ``p``'s shape; 0-D becomes ``(1,)``)."""
+        return tuple(p.shape) if p.ndim else (1,)
+
+    def state_slots(
+        self, p: Tensor, group: dict[str, Any], view: tuple[int, ...]
+    ) -> Iterable[Slot]:
+        """The state slots of ``p`` under ``group``'s settings."""
+        return ()
+
+    def update(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """The update rule: return ``(delta, new_state)`` for a batch; see :class:`Batch`."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------ torch contract
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its hyperparameters are validated before anything is stored."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict; got {type(param_group).__name__}")
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        check_all(self.hyperparameter_checks, merged, type(self).__name__)
+        params = param_group.get("params")
+        tensors = [params] if isinstance(params, Tensor) else list(params or [])
+        for p in tensors:
+            if isinstance(p, Tensor) and (p.is_complex() or not p.is_floating_point()):
+                raise TypeError(
+                    f"{type(self).__name__}: parameters must be real floating point tensors; "
+                    f"got dtype {p.dtype}"
+                )
+        super().add_param_group(param_group)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_plans"] = {}
+        generators = state.pop("_generators", {})
+        state["_generator_states"] = {str(d): g.get_state() for d, g in generators.items()}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        generator_states = state.pop("_generator_states", {})
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        self.__dict__.setdefault("foreach", True)
+        self.__dict__.setdefault("foreach_batch_cutoff", 2_000_000)
+        self.__dict__.setdefault("foreach_stack_budget", None)
+        self.__dict__.setdefault("nonfinite_grad", "skip")
+        self.__dict__.setdefault("seed", 0)
+        self._plans = {}
+        self._generators = {}
+        for device, rng in generator_states.items():
+            self._generator(torch.device(device)).set_state(rng.clone())
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Take one optimization step over every group.
+
+        ``closure`` (optional) re-evaluates the model and returns the loss; it is run with
+        gradients enabled and its result returned.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        self._check_gradients(chain.from_iterable(params for _, params in work))
+        for group, params in work:
+            engine.run_group(self, group, params)
+        return loss
+
+    @torch.no_grad()
+    def step_param(self, p: Tensor, group: dict[str, Any]) -> None:
+        """Step one parameter of ``group`` with exactly the code ``step()`` runs.
+
+        This is the entry point for fused-backward trainers (step in a post-accumulate-grad hook,
+        then free the gradient). A parameter without a gradient is left alone.
+        """
+        if p.grad is None:
+            return
+        if not any(q is p for q in group["params"]):
+            raise ValueError("step_param: the parameter is not in the given group")
+        self._check_gradients([p])
+        engine.run_group(self, group, [p])
+
+    def step_parameter(self, p: Tensor, group: dict[str, Any], i: int) -> None:
+        """``step_param`` with the parameter's index ``i`` in its group (diffusers/kohya form)."""
+        if not (0 <= i < len(group["params"])) or group["params"][i] is not p:
+            raise ValueError(f"step_parameter: index {i} does not hold this parameter in the group")
+        self.step_param(p, group)
+
+    def train(self, mode: bool = True) -> KaonOptimizer:
+        """Switch to training mode; a no-op unless an optimizer keeps a training view."""
+        return self
+
+    def eval(self) -> KaonOptimizer:
+        """Switch to evaluation mode; a no-op unless an optimizer keeps a training view."""
+        return self.train(False)
+
+    def state_bytes(self) -> int:
+        """Bytes held by every tensor in the optimizer state."""
+        total = 0
+        for state in self.state.values():
+            for value in state.values():
+                if isinstance(value, Tensor):
+                    total += value.numel() * value.element_size()
+        return total
+
+    def bytes_per_param(self) -> float:
+        """``state_bytes()`` divided by the number of parameters in all groups."""
+        count = sum(p.numel() for g in self.param_groups for p in g["params"])
+        return self.state_bytes() / max(count, 1)
+
+    # ---------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus the stochastic-rounding stream under the key ``"kaon"``.
+
+        Like torch's, the state tensors are references, not copies: ``torch.save`` it before
+        training on if a frozen copy is needed.
+        """
+        state = super().state_dict()
+        state[_CHECKPOINT_KEY] = {
+            "seed": self.seed,
+            "generators": {str(d): g.get_state() for d, g in self._generators.items()},
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, keeping every state tensor's saved dtype.
+
+        torch's loader casts floating-point state to the parameter dtype (int8 codes of a bf16
+        parameter would come back as bf16, fp32 statistics as bf16); here each tensor is moved to
+        its parameter's device and keeps its dtype. Group keys added in later versions are
+        back-filled from the defaults.
+        """
+        state_dict = dict(state_dict)
+        extra = state_dict.pop(_CHECKPOINT_KEY, None)
+        saved_state = state_dict.get("state", {})
+        saved_groups = state_dict.get("param_groups", [])
+        super().load_state_dict(state_dict)
+        current = chain.from_iterable(g["params"] for g in self.param_groups)
+        saved_ids = chain.from_iterable(g["params"] for g in saved_groups)
+        for saved_id, p in zip(saved_ids, current):
+            if saved_id not in saved_state:
+                continue
+            for key, value in saved_state[saved_id].items():
+                if isinstance(value, Tensor):
+                    self.state[p][key] = value.detach().to(device=p.device, copy=True)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        self._plans = {}
+        if extra:
+            self.seed = int(extra.get("seed", self.seed))
+            self._generators = {}
+            for device, rng in extra.get("generators", {}).items():
+                self._generator(torch.device(device)).set_state(rng.clone())
+
+    # ---------------------------------------------------------------------- internals
+    def _generator(self, device: torch.device) -> torch.Generator:
+        device = torch.device(device)
+        if device.type != "cpu" and device.index is None:
+            device = torch.device(device.type, torch.get_device_module(device.type).current_device())
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed((self.seed + 7919 * (device.index or 0)) % _MAX_SEED)
+            self._generators[device] = generator
+        return generator
+
+    def _check_gradients(self, params: Iterable[Tensor]) -> None:
+        params = list(params)
+        for p in params:
+            if p.grad.is_sparse:
+                raise TypeError(
+                    f"{type(self).__name__} does not support sparse gradients (parameter of shape "
+                    f"{tuple(p.shape)}); use a dense embedding (sparse=False)"
+                )
+            if p.grad.shape != p.shape:
+                raise ValueError(
+                    f"gradient shape {tuple(p.grad.shape)} does not match parameter shape "
+                    f"{tuple(p.shape)}"
+                )
+        if self.nonfinite_grad == "raise" and params:
+            norms = torch.stack([torch.linalg.vector_norm(p.grad.float()).to("cpu") for p in params])
+            bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
+            if bad:
+                shape = tuple(params[bad[0]].shape)
+                raise FloatingPointError(
+                    f"{type(self).__name__}: non-finite gradient in {len(bad)} parameter(s), the "
+                    f"first of shape {shape}; nothing was changed (nonfinite_grad='raise')"
+                )
+

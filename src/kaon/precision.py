@@ -1,0 +1,103 @@
+"""Writing fp32 results into bf16 / fp16 / fp32 parameters.
+
+The update rule produces an fp32 step ``delta``; this module turns ``p - delta`` into the
+parameter's dtype. fp32 parameters get a plain subtraction. For low-precision parameters the
+group's ``bf16_method`` chooses:
+
+``"stochastic_rounding"`` (default)
+    Round the exact fp32 result up or down at random with probabilities that make the rounding
+    unbiased, so steps far below the bf16 spacing still move the weight on average. For bf16 the
+    random integer in ``[0, 2**16)`` is added to the fp32 bit pattern before the low 16 bits are
+    cleared; for fp16 the two neighbouring values are found with ``nextafter``. The random stream
+    comes from a ``torch.Generator`` owned by the optimizer and saved in its ``state_dict``. No
+    extra state.
+``"kahan"``
+    Keep the rounding error in a compensation buffer ``shift`` of the parameter's dtype (+2
+    B/param for bf16) and add it back at the next step.
+``"none"``
+    Round to nearest (steps below half the spacing are lost).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["BF16_METHODS", "LOW_PRECISION", "stochastic_round", "apply_step", "needs_shift"]
+
+BF16_METHODS = ("stochastic_rounding", "kahan", "none")
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def needs_shift(dtype: torch.dtype, method: str) -> bool:
+    """Whether a parameter of ``dtype`` written with ``method`` keeps a Kahan buffer."""
+    return method == "kahan" and dtype in LOW_PRECISION
+
+
+def stochastic_round(x: Tensor, dtype: torch.dtype, generator: torch.Generator) -> Tensor:
+    """Unbiased stochastic rounding of fp32 ``x`` to ``dtype`` (bfloat16 or float16)."""
+    if dtype == torch.bfloat16:
+        noise = torch.randint(
+            0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator
+        )
+        bits = x.view(torch.int32) + noise
+        return bits.bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
+    if dtype == torch.float16:
+        nearest = x.to(torch.float16)
+        near32 = nearest.float()
+        toward = torch.where(near32 < x, torch.inf, -torch.inf).to(torch.float16)
+        other = torch.nextafter(nearest, toward)
+        # probability of taking the other neighbour: distance to nearest / spacing
+        chance = (x - near32).abs_() / (other.float() - near32).abs_()
+        draw = torch.rand(x.shape, device=x.device, generator=generator)
+        return torch.where(draw < chance, other, nearest)
+    raise ValueError(f"stochastic rounding supports bfloat16 and float16; got {dtype}")
+
+
+def apply_step(
+    params: list[Tensor],
+    delta: Tensor,
+    method: str,
+    generator: torch.Generator | None,
+    params_fp32: Tensor | None = None,
+    shift: Tensor | None = None,
+) -> Tensor | None:
+    """Write ``p <- p - delta`` into every parameter of a batch.
+
+    ``params`` share one dtype and shape; ``delta`` is fp32 ``[N, *view]``. ``params_fp32`` is
+    the already-built fp32 stack of the parameters, if the rule built one. ``shift`` is the
+    stacked Kahan buffer (``method == "kahan"`` on low precision); the new buffer is returned.
+    """
+    dtype = params[0].dtype
+    if dtype not in LOW_PRECISION:
+        if len(params) == 1:
+            params[0].sub_(delta[0].view_as(params[0]))
+        else:
+            torch._foreach_sub_(params, [d.view_as(p) for d, p in zip(delta.unbind(0), params)])
+        return None
+    if params_fp32 is None:
+        params_fp32 = _stack_fp32(params, delta.shape[1:])
+    new_shift = None
+    if method == "kahan":
+        if shift is None:
+            raise RuntimeError("kahan write-back needs its compensation buffer")
+        target = params_fp32 + (shift.float() - delta)
+        rounded = target.to(dtype)
+        new_shift = (target - rounded.float()).to(dtype)
+    elif method == "stochastic_rounding":
+        if generator is None:
+            raise RuntimeError("stochastic rounding needs a generator")
+        rounded = stochastic_round(params_fp32 - delta, dtype, generator)
+    else:
+        rounded = (params_fp32 - delta).to(dtype)
+    if len(params) == 1:
+        params[0].copy_(rounded[0].view_as(params[0]))
+    else:
+        torch._foreach_copy_(params, [r.view_as(p) for r, p in zip(rounded.unbind(0), params)])
+    return new_shift
+
+
+def _stack_fp32(params: list[Tensor], view: torch.Size) -> Tensor:
+    if len(params) == 1:
+        return params[0].detach().reshape(1, *view).float()
+    return torch.stack([p.detach().reshape(view) for p in params]).float()

@@ -1,0 +1,21 @@
+"""How optimizer state is stored: codecs and factored second moments."""
+
+from kaon.state.codecs import (
+    MOMENTUM_DTYPES,
+    Codec,
+    FloatCodec,
+    FourBitCodec,
+    Int8Codec,
+    LogSpace8BitCodec,
+    momentum_codec,
+)
+
+__all__ = [
+    "MOMENTUM_DTYPES",
+    "Codec",
+    "FloatCodec",
+    "FourBitCodec",
+    "Int8Codec",
+    "LogSpace8BitCodec",
+    "momentum_codec",
+]

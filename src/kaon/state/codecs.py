@@ -1,0 +1,278 @@
+"""State codecs: how one optimizer state tensor is stored between steps.
+
+A codec owns a storage format and nothing else. The engine hands it stored tensors with a leading
+batch dimension ``[N, ...]`` and gets back fp32 working tensors ``[N, *shape]``; after the update
+rule ran, the codec turns the new fp32 values back into stored tensors. The per-parameter path is
+the batch-of-one case, so a batched decode/encode is the per-tensor one by construction: every
+reduction a codec does (row absmax, block absmax, block log-range) is confined to one slice.
+
+A slot named ``"m"`` is stored under the state keys ``"m"`` plus ``"m" + suffix`` for each extra
+suffix of its codec (``"m_scale"`` for int8/4-bit, ``"m_scale"`` and ``"m_offset"`` for the
+log-space codec). Fresh state always decodes to exactly zero.
+
+Bytes per stored element (scale overhead excluded): float32 4, bfloat16 2, int8 1, 4bit 0.5,
+log8 1.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Codec",
+    "FloatCodec",
+    "Int8Codec",
+    "FourBitCodec",
+    "LogSpace8BitCodec",
+    "momentum_codec",
+    "MOMENTUM_DTYPES",
+]
+
+MOMENTUM_DTYPES = ("float32", "bfloat16", "int8", "4bit")
+
+_TINY_ABSMAX = 1e-12
+
+
+class Codec(ABC):
+    """A storage format for one state slot.
+
+    ``suffixes`` lists the state keys a slot uses besides its own name (``""`` is the main
+    tensor). ``key`` identifies the format for bucketing: two slots with equal keys and shapes
+    can be stacked together.
+    """
+
+    suffixes: tuple[str, ...] = ("",)
+
+    @property
+    @abstractmethod
+    def key(self) -> tuple: ...
+
+    @abstractmethod
+    def init(self, shape: tuple[int, ...], device: torch.device) -> dict[str, Tensor]:
+        """Fresh, unbatched stored tensors (keyed by suffix) that decode to exact zeros."""
+
+    @abstractmethod
+    def decode(self, stored: dict[str, Tensor], shape: tuple[int, ...]) -> Tensor:
+        """Batched stored tensors ``[N, ...]`` -> fp32 ``[N, *shape]``.
+
+        The result may alias the stored tensor (float32): callers must not write into it.
+        """
+
+    @abstractmethod
+    def encode(self, x: Tensor) -> dict[str, Tensor]:
+        """fp32 ``[N, *shape]`` -> batched stored tensors keyed by suffix."""
+
+    def describe(self) -> str:
+        return self.key[0]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}{self.key[1:]}"
+
+
+class FloatCodec(Codec):
+    """Stores the value directly in a float dtype (float32: 4 B/element, bfloat16: 2 B/element).
+
+    Encoding rounds to nearest; the exact fp32 value computed in the step is what the update
+    uses, so only later steps see the rounding.
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        self.dtype = dtype
+
+    @property
+    def key(self) -> tuple:
+        return ("float", str(self.dtype).removeprefix("torch."))
+
+    def init(self, shape, device):
+        return {"": torch.zeros(shape, dtype=self.dtype, device=device)}
+
+    def decode(self, stored, shape):
+        return stored[""].float()
+
+    def encode(self, x):
+        return {"": x.to(self.dtype)}
+
+
+class Int8Codec(Codec):
+    """Symmetric linear int8 with one absmax scale per output row.
+
+    For a slot of shape ``[R, ...]`` the scale has shape ``[R, 1, ...]`` (for a matrixized conv
+    kernel ``[out, in*kh*kw]`` that is one scale per output channel); a 1-D slot has one scale.
+    ``scale = max(absmax, 1e-12) / 127``, ``code = round(x / scale)`` in ``[-127, 127]`` (half to
+    even; -128 unused). 1 B/element + 4 B per row.
+    """
+
+    suffixes = ("", "_scale")
+
+    @property
+    def key(self) -> tuple:
+        return ("int8",)
+
+    @staticmethod
+    def _scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+        if len(shape) >= 2:
+            return (shape[0],) + (1,) * (len(shape) - 1)
+        return (1,)
+
+    def init(self, shape, device):
+        return {
+            "": torch.zeros(shape, dtype=torch.int8, device=device),
+            "_scale": torch.ones(self._scale_shape(shape), dtype=torch.float32, device=device),
+        }
+
+    def decode(self, stored, shape):
+        return stored[""].float() * stored["_scale"]
+
+    def encode(self, x):
+        reduce_dims = tuple(range(2, x.ndim)) if x.ndim >= 3 else (1,)
+        absmax = x.abs().amax(dim=reduce_dims, keepdim=True)
+        scale = absmax.clamp_min(_TINY_ABSMAX) / 127.0
+        codes = torch.round(x / scale).clamp_(-127, 127).to(torch.int8)
+        return {"": codes, "_scale": scale}
+
+
+def _block_layout(numel: int, block: int) -> tuple[int, int]:
+    """(effective block, number of blocks) for flat blocking; block <= 0 means one block."""
+    eff = numel if block <= 0 else min(block, numel)
+    eff = max(eff, 1)
+    return eff, max(1, math.ceil(numel / eff))
+
+
+def _blocked(x: Tensor, numel: int, block: int, nblocks: int) -> Tensor:
+    """Flatten ``[N, *shape]`` to ``[N, nblocks, block]``, zero-padding the last block."""
+    flat = x.reshape(x.shape[0], numel)
+    pad = nblocks * block - numel
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.view(x.shape[0], nblocks, block)
+
+
+class FourBitCodec(Codec):
+    """Symmetric linear 4-bit with one absmax scale per block of the row-major flattened slot.
+
+    ``scale = max(absmax, 1e-12) / 7``, level ``q = round(x / scale)`` in ``[-7, 7]``, stored as
+    nibble ``q + 8`` (nibble 0 is never used). Element ``2i`` sits in the low nibble of byte
+    ``i`` and element ``2i+1`` in the high nibble; an odd length is padded with one nibble.
+    ``block <= 0`` puts the whole slot in one block. 0.5 B/element + 4 B per block (0.53125
+    B/element at block 128).
+    """
+
+    suffixes = ("", "_scale")
+
+    def __init__(self, block: int = 128) -> None:
+        self.block = int(block)
+
+    @property
+    def key(self) -> tuple:
+        return ("4bit", self.block)
+
+    def init(self, shape, device):
+        numel = math.prod(shape)
+        _, nblocks = _block_layout(numel, self.block)
+        return {
+            "": torch.full(((numel + 1) // 2,), 0x88, dtype=torch.uint8, device=device),
+            "_scale": torch.ones(nblocks, dtype=torch.float32, device=device),
+        }
+
+    def decode(self, stored, shape):
+        packed = stored[""]
+        n = packed.shape[0]
+        numel = math.prod(shape)
+        block, nblocks = _block_layout(numel, self.block)
+        nibbles = torch.stack((packed & 0x0F, packed >> 4), dim=-1).view(n, -1)
+        levels = nibbles[:, :numel].float().sub_(8.0)
+        values = _blocked(levels, numel, block, nblocks) * stored["_scale"].unsqueeze(-1)
+        return values.view(n, -1)[:, :numel].reshape(n, *shape)
+
+    def encode(self, x):
+        n = x.shape[0]
+        numel = x[0].numel()
+        block, nblocks = _block_layout(numel, self.block)
+        blocks = _blocked(x, numel, block, nblocks)
+        scale = blocks.abs().amax(dim=-1).clamp_min(_TINY_ABSMAX) / 7.0
+        levels = torch.round(blocks / scale.unsqueeze(-1)).clamp_(-7, 7)
+        nibbles = levels.view(n, -1)[:, :numel].to(torch.uint8).add_(8)
+        if numel % 2:
+            nibbles = torch.nn.functional.pad(nibbles, (0, 1))
+        pairs = nibbles.view(n, -1, 2)
+        packed = pairs[..., 0] | (pairs[..., 1] << 4)
+        return {"": packed, "_scale": scale}
+
+
+class LogSpace8BitCodec(Codec):
+    """Log-space 8-bit storage for non-negative statistics (second moments).
+
+    Per block of ``block`` flattened elements: over the non-zero values, ``lo = min log2 x`` and
+    ``hi = max log2 x`` (``lo = hi - 1`` when they coincide). Code 0 is exact zero; codes 1..255
+    spread 254 steps of ``(hi - lo) / 254`` in log2 between them, so the relative error depends
+    only on the dynamic range inside a block (<= 2.2 % for a 2^16 range), never on a fixed floor.
+    The stored tensors are the codes (uint8), ``_scale`` = ``hi - lo`` and ``_offset`` = ``lo``
+    (fp32 per block). Negative inputs are stored as zero. 1 B/element + 8 B per block.
+    """
+
+    suffixes = ("", "_scale", "_offset")
+
+    def __init__(self, block: int = 256) -> None:
+        self.block = int(block)
+
+    @property
+    def key(self) -> tuple:
+        return ("log8", self.block)
+
+    def init(self, shape, device):
+        numel = math.prod(shape)
+        _, nblocks = _block_layout(numel, self.block)
+        return {
+            "": torch.zeros(numel, dtype=torch.uint8, device=device),
+            "_scale": torch.ones(nblocks, dtype=torch.float32, device=device),
+            "_offset": torch.zeros(nblocks, dtype=torch.float32, device=device),
+        }
+
+    def decode(self, stored, shape):
+        codes = stored[""]
+        n = codes.shape[0]
+        numel = math.prod(shape)
+        block, nblocks = _block_layout(numel, self.block)
+        q = _blocked(codes.float(), numel, block, nblocks)
+        log2 = (q - 1.0) * (stored["_scale"] / 254.0).unsqueeze(-1) + stored["_offset"].unsqueeze(-1)
+        values = torch.where(q > 0, torch.exp2(log2), torch.zeros((), device=q.device))
+        return values.view(n, -1)[:, :numel].reshape(n, *shape)
+
+    def encode(self, x):
+        n = x.shape[0]
+        numel = x[0].numel()
+        block, nblocks = _block_layout(numel, self.block)
+        blocks = _blocked(x, numel, block, nblocks)
+        nonzero = blocks > 0
+        log2 = torch.log2(torch.where(nonzero, blocks, torch.ones((), device=x.device)))
+        inf = torch.tensor(math.inf, device=x.device)
+        hi = torch.where(nonzero, log2, -inf).amax(dim=-1)
+        lo = torch.where(nonzero, log2, inf).amin(dim=-1)
+        empty = ~nonzero.any(dim=-1)
+        hi = torch.where(empty, torch.zeros_like(hi), hi)
+        lo = torch.where(empty | (lo >= hi), hi - 1.0, lo)
+        span = (hi - lo).clamp_min(1e-12)
+        q = torch.round((log2 - lo.unsqueeze(-1)) * (254.0 / span).unsqueeze(-1)).add_(1.0)
+        q = torch.where(nonzero, q.clamp_(1, 255), torch.zeros((), device=x.device))
+        codes = q.view(n, -1)[:, :numel].to(torch.uint8)
+        return {"": codes, "_scale": span, "_offset": lo}
+
+
+_FLOAT_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def momentum_codec(momentum_dtype: str, block: int = 128) -> Codec:
+    """The codec for a ``momentum_dtype`` argument: float32, bfloat16, int8 or 4bit."""
+    if momentum_dtype in _FLOAT_NAMES:
+        return FloatCodec(_FLOAT_NAMES[momentum_dtype])
+    if momentum_dtype == "int8":
+        return Int8Codec()
+    if momentum_dtype == "4bit":
+        return FourBitCodec(block)
+    raise ValueError(
+        f"momentum_dtype must be one of {', '.join(MOMENTUM_DTYPES)}; got {momentum_dtype!r}"
+    )
