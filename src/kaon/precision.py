@@ -83,7 +83,7 @@ def apply_step(
             raise RuntimeError("kahan write-back needs its compensation buffer")
         target = params_fp32 + (shift.float() - delta)
         rounded = target.to(dtype)
-        new_shift = (target - rounded.float()).to(dtype)
+        new_shift = _round_toward_zero(target - rounded.float(), dtype)
     elif method == "stochastic_rounding":
         if generator is None:
             raise RuntimeError("stochastic rounding needs a generator")
@@ -95,6 +95,20 @@ def apply_step(
     else:
         torch._foreach_copy_(params, [r.view_as(p) for r, p in zip(rounded.unbind(0), params)])
     return new_shift
+
+
+def _round_toward_zero(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Round fp32 ``x`` to ``dtype`` toward zero.
+
+    Used for the Kahan residual: a residual rounded to nearest can land exactly on half a
+    spacing, and then re-adding it flips the weight to its neighbour at a zero step. Rounded
+    toward zero, ``round(p + shift) == p`` always holds, so a zero step changes nothing.
+    """
+    if dtype == torch.bfloat16:
+        return x.view(torch.int32).bitwise_and(-65536).view(torch.float32).to(dtype)
+    nearest = x.to(dtype)
+    too_far = nearest.float().abs() > x.abs()
+    return torch.where(too_far, torch.nextafter(nearest, torch.zeros_like(nearest)), nearest)
 
 
 def _stack_fp32(params: list[Tensor], view: torch.Size) -> Tensor:

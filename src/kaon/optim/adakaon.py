@@ -30,10 +30,12 @@ class Adakaon(KaonOptimizer):
        ``col <- lerp(col, mean_i(g^2 + eps1), 1 - beta2)``,
        ``u = g / sqrt(row_i col_j / mean(row))``; 1-D and 0-D: ``v <- lerp(v, g^2 + eps1,
        1 - beta2)``, ``u = g / sqrt(v)``. No bias correction: the clip tames the first steps.
-    3. RMS clip: ``u <- u / max(1, RMS(u) / clip_threshold)``; then ``u <- lr * u``
-    4. momentum of the normalized step (beta1 > 0): ``m <- lerp(m, u, 1 - beta1)``, ``delta = m``
-       (the fp32 value, before it is stored in ``momentum_dtype``); beta1 = 0: ``delta = u`` and
-       no momentum is stored at all
+    3. RMS clip: ``u <- u / max(1, RMS(u) / clip_threshold)``
+    4. momentum of the normalized step (beta1 > 0): ``m <- lerp(m, u, 1 - beta1)``,
+       ``delta = lr * m`` (the fp32 ``m``, before it is stored in ``momentum_dtype``); beta1 = 0:
+       ``delta = lr * u`` and no momentum is stored at all. ``m`` lives in unit-RMS update space
+       and the current lr multiplies it, so a schedule (or lr = 0) takes effect at once; at a
+       constant lr this equals an EMA of ``lr * u``.
     5. decoupled weight decay: ``delta <- delta + lr * weight_decay * p``
     6. cautious (optional): zero the coordinates where ``delta * g <= 0``, rescale the rest by
        ``1 / mean(mask)``
@@ -153,10 +155,13 @@ class Adakaon(KaonOptimizer):
             step = g * v.rsqrt()
             new_state = {"v": v}
 
-        step = ops.rms_clip(step, group["clip_threshold"]).mul_(lr)
+        step = ops.rms_clip(step, group["clip_threshold"])
         if beta1 > 0:
-            step = state["m"].lerp(step, 1.0 - beta1)
-            new_state["m"] = step
+            momentum = state["m"].lerp(step, 1.0 - beta1)
+            new_state["m"] = momentum
+            step = momentum * lr
+        else:
+            step = step.mul_(lr)
         if group["weight_decay"] != 0:
             step = step + batch.param * (lr * group["weight_decay"])
         if group["cautious"]:

@@ -1,0 +1,92 @@
+"""Plain single-tensor reference implementations, written from the math without kaon's code.
+
+Each function steps one tensor in place with straightforward torch calls (no batching, no
+codecs of kaon, no shared ops), so the tests can compare kaon's engine against an independent
+reading of the specification.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def quantize_int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """Value after an int8 round trip with one absmax scale per row (dim 0; 1-D: one scale)."""
+    rows = x.reshape(x.shape[0], -1) if x.ndim >= 2 else x.reshape(1, -1)
+    out = torch.empty_like(rows)
+    for i in range(rows.shape[0]):
+        scale = max(rows[i].abs().max().item(), 1e-12) / 127.0
+        out[i] = torch.clamp(torch.round(rows[i] / scale), -127, 127) * scale
+    return out.reshape(x.shape)
+
+
+def quantize_4bit_blocks(x: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """Value after a 4-bit round trip with one absmax scale per flat block."""
+    flat = x.flatten().clone()
+    size = flat.numel() if block <= 0 else min(block, flat.numel())
+    for start in range(0, flat.numel(), size):
+        piece = flat[start : start + size]
+        scale = max(piece.abs().max().item(), 1e-12) / 7.0
+        flat[start : start + size] = torch.clamp(torch.round(piece / scale), -7, 7) * scale
+    return flat.reshape(x.shape)
+
+
+class AdakaonReference:
+    """Adakaon on one fp32 tensor, following the written specification step by step."""
+
+    def __init__(self, p: torch.Tensor, lr=1e-3, betas=(0.9, 0.999), eps1=1e-30,
+                 weight_decay=0.0, clip=1.0, momentum="float32", block=128,
+                 cautious=True, centralize=True) -> None:
+        self.p, self.lr, self.betas, self.eps1 = p, lr, betas, eps1
+        self.wd, self.clip, self.momentum, self.block = weight_decay, clip, momentum, block
+        self.cautious, self.centralize = cautious, centralize
+        shape = p.shape
+        self.factored = p.ndim >= 2
+        if self.factored:
+            rows, cols = shape[0], p.numel() // shape[0]
+            self.row = torch.zeros(rows)
+            self.col = torch.zeros(cols)
+        else:
+            self.v = torch.zeros(max(p.numel(), 1))
+        self.m = torch.zeros(self.matrix(p).shape)
+
+    def matrix(self, t: torch.Tensor) -> torch.Tensor:
+        if t.ndim >= 2:
+            return t.reshape(t.shape[0], -1)
+        return t.reshape(-1)
+
+    def step(self, grad: torch.Tensor) -> None:
+        beta1, beta2 = self.betas
+        g = self.matrix(grad.float()).clone()
+        if self.centralize and self.factored:
+            g = g - g.mean(dim=1, keepdim=True)
+        if self.factored:
+            sq = g * g + self.eps1
+            self.row = beta2 * self.row + (1 - beta2) * sq.mean(dim=1)
+            self.col = beta2 * self.col + (1 - beta2) * sq.mean(dim=0)
+            v_hat = torch.outer(self.row, self.col) / self.row.mean()
+        else:
+            self.v = beta2 * self.v + (1 - beta2) * (g * g + self.eps1)
+            v_hat = self.v
+        u = g / v_hat.sqrt()
+        rms = u.pow(2).mean().sqrt()
+        u = u / max(1.0, (rms / self.clip).item())
+        if beta1 > 0:
+            m = beta1 * self.m + (1 - beta1) * u
+            delta = self.lr * m
+            if self.momentum == "int8":
+                self.m = quantize_int8_rows(m)
+            elif self.momentum == "4bit":
+                self.m = quantize_4bit_blocks(m, self.block)
+            elif self.momentum == "bfloat16":
+                self.m = m.to(torch.bfloat16).float()
+            else:
+                self.m = m
+        else:
+            delta = self.lr * u
+        delta = delta + self.lr * self.wd * self.matrix(self.p.detach().float())
+        if self.cautious:
+            mask = (delta * g > 0).float()
+            delta = delta * mask / max(mask.mean().item(), 1e-8)
+        with torch.no_grad():
+            self.p.sub_(delta.reshape(self.p.shape).to(self.p.dtype))
