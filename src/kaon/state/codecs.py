@@ -212,6 +212,10 @@ class LogSpace8BitCodec(Codec):
     only on the dynamic range inside a block (<= 2.2 % for a 2^16 range), never on a fixed floor.
     The stored tensors are the codes (uint8), ``_scale`` = ``hi - lo`` and ``_offset`` = ``lo``
     (fp32 per block). Negative inputs are stored as zero. 1 B/element + 8 B per block.
+
+    ``log2`` and ``exp2`` run in float64 and are rounded once to fp32: torch's vectorized and
+    scalar CPU kernels for them can differ in the last fp32 bit, which would make a value depend
+    on its position in a batch.
     """
 
     suffixes = ("", "_scale", "_offset")
@@ -237,9 +241,10 @@ class LogSpace8BitCodec(Codec):
         n = codes.shape[0]
         numel = math.prod(shape)
         block, nblocks = _block_layout(numel, self.block)
-        q = _blocked(codes.float(), numel, block, nblocks)
-        log2 = (q - 1.0) * (stored["_scale"] / 254.0).unsqueeze(-1) + stored["_offset"].unsqueeze(-1)
-        values = torch.where(q > 0, torch.exp2(log2), torch.zeros((), device=q.device))
+        q = _blocked(codes.double(), numel, block, nblocks)
+        step = (stored["_scale"].double() / 254.0).unsqueeze(-1)
+        log2 = (q - 1.0) * step + stored["_offset"].double().unsqueeze(-1)
+        values = torch.where(q > 0, torch.exp2(log2), 0.0).float()
         return values.view(n, -1)[:, :numel].reshape(n, *shape)
 
     def encode(self, x):
@@ -248,7 +253,7 @@ class LogSpace8BitCodec(Codec):
         block, nblocks = _block_layout(numel, self.block)
         blocks = _blocked(x, numel, block, nblocks)
         nonzero = blocks > 0
-        log2 = torch.log2(torch.where(nonzero, blocks, torch.ones((), device=x.device)))
+        log2 = torch.log2(torch.where(nonzero, blocks, 1.0).double()).float()
         inf = torch.tensor(math.inf, device=x.device)
         hi = torch.where(nonzero, log2, -inf).amax(dim=-1)
         lo = torch.where(nonzero, log2, inf).amin(dim=-1)
