@@ -35,10 +35,11 @@ from kaon.state.codecs import Codec, FloatCodec
 if TYPE_CHECKING:
     from kaon.optimizer import KaonOptimizer
 
-__all__ = ["Slot", "Batch", "run_group", "stack_budget", "effective_cutoff"]
+__all__ = ["Slot", "Batch", "Workspace", "run_group", "stack_budget", "effective_cutoff"]
 
 SHIFT = "shift"
 _MAX_PLANS_PER_GROUP = 8
+_CPU_BUDGET = 262_144
 
 
 @dataclass(frozen=True)
@@ -62,20 +63,32 @@ class Batch:
 
     ``grad`` is the fp32 gradient ``[N, *view]`` (negated when the group maximizes), ``state``
     maps slot names to decoded fp32 tensors, ``group`` is the parameter group. ``param`` is the
-    fp32 parameter stack, built on first use. Inputs are read-only: they may alias the live
-    gradient, parameter or stored state. The rule returns ``(delta, new_state)``; the engine
-    applies ``p <- p - delta``.
+    fp32 parameter stack, built on first use. ``grad`` and ``param`` are read-only (they may
+    alias the live gradient and parameter). ``state`` tensors belong to the rule for this step:
+    it may update them in place (on the per-parameter fp32 path that writes the stored state
+    directly, saving a copy; the engine hands out copies whenever it still needs the old
+    values). The rule returns ``(delta, new_state)``; the engine applies ``p <- p - delta``.
     """
 
-    __slots__ = ("grad", "state", "group", "params", "view", "_param")
+    __slots__ = ("grad", "state", "group", "params", "view", "_param", "_workspace")
 
-    def __init__(self, grad, state, group, params, view) -> None:
+    def __init__(self, grad, state, group, params, view, workspace=None) -> None:
         self.grad: Tensor = grad
         self.state: dict[str, Tensor] = state
         self.group: dict[str, Any] = group
         self.params: list[Tensor] = params
         self.view: tuple[int, ...] = view
         self._param: Tensor | None = None
+        self._workspace: Workspace | None = workspace
+
+    def scratch(self, name: str) -> Tensor:
+        """An uninitialized fp32 tensor shaped like ``grad``, reused across steps on CPU.
+
+        Each name gives a distinct buffer; its contents do not survive the chunk.
+        """
+        if self._workspace is None:
+            return torch.empty_like(self.grad)
+        return self._workspace.take(name, self.grad.shape, self.grad.device)
 
     @property
     def size(self) -> int:
@@ -93,6 +106,41 @@ class Batch:
         return self._param
 
 
+class Workspace:
+    """Reusable scratch buffers for a rule's large fp32 temporaries.
+
+    On CPU, every fresh multi-megabyte tensor is new memory from the C allocator that the kernel
+    must fault in page by page, which costs as much as the arithmetic done on it; reusing a
+    buffer across chunks and steps avoids that. One flat buffer is kept per name, grown to the
+    largest request, so the memory held is (number of names) x (largest chunk) x 4 bytes; see
+    :meth:`KaonOptimizer.workspace_bytes`. Small requests and non-CPU devices get a plain new
+    tensor (CUDA's caching allocator already reuses memory).
+    """
+
+    min_elements = 65_536
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.device], Tensor] = {}
+
+    def take(self, name: str, shape: torch.Size | tuple[int, ...], device: torch.device) -> Tensor:
+        numel = 1
+        for size in shape:
+            numel *= size
+        if device.type != "cpu" or numel < self.min_elements:
+            return torch.empty(shape, dtype=torch.float32, device=device)
+        buffer = self._buffers.get((name, device))
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=torch.float32, device=device)
+            self._buffers[(name, device)] = buffer
+        return buffer[:numel].view(shape)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
 @dataclass
 class _Chunk:
     params: list[Tensor]
@@ -105,7 +153,7 @@ def stack_budget(opt: KaonOptimizer, device: torch.device) -> int:
 
     An explicit ``foreach_stack_budget`` is used as given. Otherwise: on CUDA 5 % of the
     device's total memory divided by the optimizer's transient bytes per element, at least 262,144
-    and at most 4x the cutoff; elsewhere 4x the cutoff (at most 64M). The budget depends only on
+    and at most 4x the cutoff; on CPU 262,144 (at most 4x the cutoff). The budget depends only on
     the device, never on free memory, so chunking (and with it the stochastic-rounding stream) is
     the same after a resume.
     """
@@ -115,7 +163,9 @@ def stack_budget(opt: KaonOptimizer, device: torch.device) -> int:
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         return max(262_144, min(int(total * 0.05 / opt.bytes_per_element), ceiling))
-    return min(64_000_000, ceiling)
+    # CPU: an op costs microseconds to dispatch, so only small tensors gain from stacking, while
+    # stacking a large one is pure copying; chunks of 1 MiB of fp32 also stay in cache.
+    return min(_CPU_BUDGET, ceiling)
 
 
 def effective_cutoff(opt: KaonOptimizer, device: torch.device) -> int:
@@ -230,28 +280,34 @@ def _run_chunk(opt: KaonOptimizer, group: dict, chunk: _Chunk) -> None:
         if finite.device.type == "cpu" and bool(finite.all()):
             finite = None  # nothing to mask; on CPU this check costs no device sync
 
-    decoded = {
-        slot.name: slot.codec.decode({sfx: stored[slot.name + sfx] for sfx in slot.codec.suffixes},
-                                     slot.shape)
-        for slot in slots
-        if slot.name != SHIFT
-    }
-    batch = Batch(grad, decoded, group, params, view)
+    decoded = {}
+    for slot in slots:
+        if slot.name == SHIFT:
+            continue
+        raw = {sfx: stored[slot.name + sfx] for sfx in slot.codec.suffixes}
+        out = None
+        if slot.shape == view and slot.codec.decodes_into:
+            out = opt._workspace.take("state:" + slot.name, grad.shape, grad.device)
+        value = slot.codec.decode(raw, slot.shape, out=out)
+        if finite is not None and value.data_ptr() == raw[""].data_ptr():
+            value = value.clone()  # the rule may write in place; masking needs the old values
+        decoded[slot.name] = value
+    batch = Batch(grad, decoded, group, params, view, opt._workspace)
     delta, new_state = opt.update(batch)
     if finite is not None:
         delta = torch.where(finite.view(-1, *([1] * len(view))), delta, 0.0)
 
+    # parameters first: encoding may reuse the rule's fp32 outputs as scratch space
+    shift = stored.get(SHIFT)
+    new_shift = precision.apply_step(
+        params, delta, group["bf16_method"], opt._generator(params[0].device),
+        batch._param, shift,
+    )
     for slot in slots:
         if slot.name == SHIFT:
             continue
         for suffix, tensor in slot.codec.encode(new_state[slot.name]).items():
             key = slot.name + suffix
             _store(states, key, _keep_where(finite, tensor, stored[key]), stored[key])
-
-    shift = stored.get(SHIFT)
-    new_shift = precision.apply_step(
-        params, delta, group["bf16_method"], opt._generator(params[0].device),
-        batch._param, shift,
-    )
     if new_shift is not None and shift is not None:
         _store(states, SHIFT, _keep_where(finite, new_shift, shift), shift)

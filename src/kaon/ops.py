@@ -10,31 +10,51 @@ path on CPU.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-__all__ = ["sum", "mean", "slice_mean", "rms_clip", "cautious", "centralize"]
+__all__ = [
+    "sum", "sum_squares", "mean", "slice_mean", "slice_rms", "rms_clip_", "cautious", "centralize",
+]
 
 _CHUNK = 4096
 
 
-def sum(x: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
-    """Sum over ``dim`` (-1 or -2) in fixed chunks of 4096, independent of the batch size."""
+def _chunked(x: Tensor, dim: int, reduce, combine) -> Tensor:
+    """Reduce ``dim`` (-1 or -2) in fixed chunks: ``reduce`` per chunk, ``combine`` the parts."""
     if dim not in (-1, -2):
         raise ValueError(f"dim must be -1 or -2; got {dim}")
     size = x.shape[dim]
     if size <= _CHUNK:
-        return x.sum(dim=dim, keepdim=keepdim)
+        return reduce(x, dim)
     head = size - size % _CHUNK
     if dim == -1:
-        body = x[..., :head].reshape(*x.shape[:-1], head // _CHUNK, _CHUNK).sum(-1).sum(-1)
+        parts = reduce(x[..., :head].reshape(*x.shape[:-1], head // _CHUNK, _CHUNK), -1)
         tail = x[..., head:]
     else:
         lead, cols = x.shape[:-2], x.shape[-1]
-        body = x[..., :head, :].reshape(*lead, head // _CHUNK, _CHUNK, cols).sum(-2).sum(-2)
+        parts = reduce(x[..., :head, :].reshape(*lead, head // _CHUNK, _CHUNK, cols), -2)
         tail = x[..., head:, :]
+    total = combine(parts, dim)
     if tail.shape[dim]:
-        body = body + tail.sum(dim=dim)
-    return body.unsqueeze(dim) if keepdim else body
+        total = total + reduce(tail, dim)
+    return total
+
+
+def sum(x: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
+    """Sum over ``dim`` (-1 or -2) in fixed chunks of 4096, independent of the batch size."""
+    total = _chunked(x, dim, lambda t, d: t.sum(dim=d), lambda t, d: t.sum(dim=d))
+    return total.unsqueeze(dim) if keepdim else total
+
+
+def sum_squares(x: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
+    """Sum of squares over ``dim`` (-1 or -2), chunked like :func:`sum`, without a temporary."""
+
+    def reduce(t: Tensor, d: int) -> Tensor:
+        return torch.linalg.vector_norm(t, dim=d).square_()
+
+    total = _chunked(x, dim, reduce, lambda t, d: t.sum(dim=d))
+    return total.unsqueeze(dim) if keepdim else total
 
 
 def mean(x: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
@@ -42,35 +62,56 @@ def mean(x: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
     return sum(x, dim=dim, keepdim=keepdim) / x.shape[dim]
 
 
+def _per_slice(values: Tensor, like: Tensor) -> Tensor:
+    return values.view(like.shape[0], *([1] * (like.ndim - 1)))
+
+
 def slice_mean(x: Tensor) -> Tensor:
     """Mean of every slice ``x[i]``, shaped ``[N, 1, ...]`` to broadcast against ``x``."""
     flat = x.reshape(x.shape[0], -1)
-    return mean(flat, dim=-1).view(x.shape[0], *([1] * (x.ndim - 1)))
+    return _per_slice(mean(flat, dim=-1), x)
 
 
-def rms_clip(update: Tensor, threshold: float) -> Tensor:
-    """Adafactor's update clipping: ``u / max(1, RMS(u) / threshold)`` per slice."""
-    rms = slice_mean(update.square()).sqrt_()
-    return update / rms.div_(threshold).clamp_min_(1.0)
+def slice_rms(x: Tensor) -> Tensor:
+    """Root mean square of every slice, shaped ``[N, 1, ...]``."""
+    flat = x.reshape(x.shape[0], -1)
+    return _per_slice(sum_squares(flat, dim=-1).div_(flat.shape[1]).sqrt_(), x)
 
 
-def cautious(step: Tensor, grad: Tensor) -> Tensor:
-    """Cautious masking (Liang et al., 2024).
+def rms_clip_(update: Tensor, threshold: float) -> Tensor:
+    """Adafactor's update clipping, in place: ``u / max(1, RMS(u) / threshold)`` per slice.
+
+    ``update`` must be a tensor the caller owns (it is overwritten and returned).
+    """
+    factor = slice_rms(update).div_(threshold).clamp_min_(1.0).reciprocal_()
+    return update.mul_(factor)
+
+
+def cautious(
+    step: Tensor, grad: Tensor, scale: float | Tensor = 1.0, out: Tensor | None = None
+) -> Tensor:
+    """Cautious masking (Liang et al., 2024), times ``scale``.
 
     Zeroes the coordinates of ``step`` whose sign disagrees with ``grad`` and rescales the rest
-    by ``1 / max(mean(mask), 1e-8)`` per slice, so the step keeps its overall size.
+    by ``1 / max(mean(mask), 1e-8)`` per slice, so the step keeps its overall size. ``scale``
+    (e.g. the learning rate) is folded into the same multiplication. The result is written into
+    ``out`` (a scratch tensor of ``step``'s shape, not ``step`` itself) or a new tensor.
     """
-    mask = (step * grad > 0).to(step.dtype)
-    return step * mask.div_(slice_mean(mask).clamp_min_(1e-8))
+    mask = torch.mul(step, grad, out=out).gt_(0.0)
+    numel = mask[0].numel()
+    count = sum(mask.reshape(mask.shape[0], -1), dim=-1)
+    factor = _per_slice(numel / count.clamp_min_(1e-8 * numel), mask)
+    return mask.mul_(step).mul_(factor * scale)
 
 
-def centralize(grad: Tensor) -> Tensor:
+def centralize(grad: Tensor, out: Tensor | None = None) -> Tensor:
     """Gradient centralization: subtract each output row's mean.
 
     ``grad`` is ``[N, R, C]`` (the matrix view of a parameter with two or more dimensions); 1-D
-    views are returned unchanged. Returns a new tensor; the input is never modified.
+    views are returned unchanged. The result goes to ``out`` or a new tensor; the input is never
+    modified.
     """
     if grad.ndim < 3:
         return grad
-    return grad - mean(grad, dim=-1, keepdim=True)
+    return torch.sub(grad, mean(grad, dim=-1, keepdim=True), out=out)
 

@@ -94,6 +94,7 @@ class KaonOptimizer(torch.optim.Optimizer):
         self.seed = int(seed if seed is not None else torch.initial_seed()) % _MAX_SEED
         self._generators: dict[torch.device, torch.Generator] = {}
         self._plans: dict[int, Any] = {}
+        self._workspace = engine.Workspace()
         super().__init__(params, defaults)
 
     # ---------------------------------------------------------------- what a subclass supplies
@@ -131,6 +132,7 @@ class KaonOptimizer(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_plans"] = {}
+        state["_workspace"] = engine.Workspace()
         generators = state.pop("_generators", {})
         state["_generator_states"] = {str(d): g.get_state() for d, g in generators.items()}
         return state
@@ -148,6 +150,7 @@ class KaonOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("nonfinite_grad", "skip")
         self.__dict__.setdefault("seed", 0)
         self._plans = {}
+        self._workspace = engine.Workspace()
         self._generators = {}
         for device, rng in generator_states.items():
             self._generator(torch.device(device)).set_state(rng.clone())
@@ -205,6 +208,15 @@ class KaonOptimizer(torch.optim.Optimizer):
                 if isinstance(value, Tensor):
                     total += value.numel() * value.element_size()
         return total
+
+    def workspace_bytes(self) -> int:
+        """Bytes of reusable scratch buffers held between steps (CPU only; see
+        :class:`kaon.engine.Workspace`). Not optimizer state: ``release_workspace()`` frees it."""
+        return self._workspace.nbytes()
+
+    def release_workspace(self) -> None:
+        """Free the scratch buffers; they are re-created at the next step."""
+        self._workspace.clear()
 
     def bytes_per_param(self) -> float:
         """``state_bytes()`` divided by the number of parameters in all groups."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from kaon import ops
@@ -36,7 +37,8 @@ class Adakaon(KaonOptimizer):
        ``delta = lr * u`` and no momentum is stored at all. ``m`` lives in unit-RMS update space
        and the current lr multiplies it, so a schedule (or lr = 0) takes effect at once; at a
        constant lr this equals an EMA of ``lr * u``.
-    5. decoupled weight decay: ``delta <- delta + lr * weight_decay * p``
+    5. decoupled weight decay: ``delta <- delta + lr * weight_decay * p`` (computed as
+       ``lr * (m + weight_decay * p)``)
     6. cautious (optional): zero the coordinates where ``delta * g <= 0``, rescale the rest by
        ``1 / mean(mask)``
     7. ``p <- p - delta``, written with ``bf16_method`` for low-precision parameters.
@@ -143,28 +145,37 @@ class Adakaon(KaonOptimizer):
         lr = group["lr"]
         g = batch.grad
         if group["gradient_centralization"]:
-            g = ops.centralize(g)
+            g = ops.centralize(g, out=batch.scratch("centered"))
 
+        scratch = None  # a temporary of this call that later steps may overwrite
         if "row" in state:
-            row, col = factored.update_moments(state["row"], state["col"], g, beta2, eps1)
+            squared = torch.mul(g, g, out=batch.scratch("squared"))
+            row, col = factored.update_moments(state["row"], state["col"], squared, beta2, eps1)
             r, c = factored.inverse_sqrt_factors(row, col)
-            step = (g * r).mul_(c)
+            step = torch.mul(g, r, out=squared).mul_(c)
             new_state = {"row": row, "col": col}
         else:
-            v = state["v"].lerp(g.square().add_(eps1), 1.0 - beta2)
-            step = g * v.rsqrt()
+            v = state["v"].lerp_(torch.mul(g, g).add_(eps1), 1.0 - beta2)
+            step = torch.rsqrt(v).mul_(g)
             new_state = {"v": v}
+        step = ops.rms_clip_(step, group["clip_threshold"])
 
-        step = ops.rms_clip(step, group["clip_threshold"])
         if beta1 > 0:
-            momentum = state["m"].lerp(step, 1.0 - beta1)
-            new_state["m"] = momentum
-            step = momentum * lr
+            scratch = step
+            step = state["m"].lerp_(step, 1.0 - beta1)
+            new_state["m"] = step
+        if group["weight_decay"] != 0:
+            decay = group["weight_decay"]
+            if scratch is None:
+                step = step.add_(batch.param, alpha=decay)
+            else:
+                step, scratch = torch.add(step, batch.param, alpha=decay, out=scratch), None
+        # everything so far is in unit-RMS space; the learning rate scales it once, at the end
+        if group["cautious"]:
+            step = ops.cautious(step, g, scale=lr, out=scratch)
+        elif scratch is not None:
+            step = torch.mul(step, lr, out=scratch)
         else:
             step = step.mul_(lr)
-        if group["weight_decay"] != 0:
-            step = step + batch.param * (lr * group["weight_decay"])
-        if group["cautious"]:
-            step = ops.cautious(step, g)
         return step, new_state
 

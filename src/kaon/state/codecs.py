@@ -55,16 +55,25 @@ class Codec(ABC):
     def init(self, shape: tuple[int, ...], device: torch.device) -> dict[str, Tensor]:
         """Fresh, unbatched stored tensors (keyed by suffix) that decode to exact zeros."""
 
+    #: whether ``decode`` can write into a caller-provided fp32 buffer
+    decodes_into: bool = False
+
     @abstractmethod
-    def decode(self, stored: dict[str, Tensor], shape: tuple[int, ...]) -> Tensor:
+    def decode(
+        self, stored: dict[str, Tensor], shape: tuple[int, ...], out: Tensor | None = None
+    ) -> Tensor:
         """Batched stored tensors ``[N, ...]`` -> fp32 ``[N, *shape]``.
 
-        The result may alias the stored tensor (float32): callers must not write into it.
+        ``out`` (optional, honoured when ``decodes_into``) is an fp32 buffer to write into. The
+        result may alias the stored tensor (float32).
         """
 
     @abstractmethod
     def encode(self, x: Tensor) -> dict[str, Tensor]:
-        """fp32 ``[N, *shape]`` -> batched stored tensors keyed by suffix."""
+        """fp32 ``[N, *shape]`` -> batched stored tensors keyed by suffix.
+
+        ``x`` may be used as scratch space (the engine passes values it no longer needs).
+        """
 
     def describe(self) -> str:
         return self.key[0]
@@ -82,6 +91,7 @@ class FloatCodec(Codec):
 
     def __init__(self, dtype: torch.dtype = torch.float32) -> None:
         self.dtype = dtype
+        self.decodes_into = dtype != torch.float32
 
     @property
     def key(self) -> tuple:
@@ -90,7 +100,9 @@ class FloatCodec(Codec):
     def init(self, shape, device):
         return {"": torch.zeros(shape, dtype=self.dtype, device=device)}
 
-    def decode(self, stored, shape):
+    def decode(self, stored, shape, out=None):
+        if out is not None and stored[""].dtype != torch.float32:
+            return out.copy_(stored[""])
         return stored[""].float()
 
     def encode(self, x):
@@ -124,15 +136,23 @@ class Int8Codec(Codec):
             "_scale": torch.ones(self._scale_shape(shape), dtype=torch.float32, device=device),
         }
 
-    def decode(self, stored, shape):
-        return stored[""].float() * stored["_scale"]
+    decodes_into = True
+
+    def decode(self, stored, shape, out=None):
+        return torch.mul(stored[""], stored["_scale"], out=out)  # int8 * fp32 promotes
 
     def encode(self, x):
-        reduce_dims = tuple(range(2, x.ndim)) if x.ndim >= 3 else (1,)
-        absmax = x.abs().amax(dim=reduce_dims, keepdim=True)
-        scale = absmax.clamp_min(_TINY_ABSMAX) / 127.0
-        codes = torch.round(x / scale).clamp_(-127, 127).to(torch.int8)
+        rows = x.reshape(x.shape[0], x.shape[1], -1) if x.ndim >= 3 else x
+        absmax = _absmax(rows).clamp_min_(_TINY_ABSMAX)
+        scale = (absmax / 127.0).view(x.shape[0], *self._scale_shape(tuple(x.shape[1:])))
+        # |x / scale| <= 127 by construction, so rounding needs no clamp
+        codes = x.div_(scale).round_().to(torch.int8)
         return {"": codes, "_scale": scale}
+
+
+def _absmax(x: Tensor) -> Tensor:
+    """Max of ``|x|`` over the last dim (keepdim), from two read-only passes, no temporary."""
+    return torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
 
 
 def _block_layout(numel: int, block: int) -> tuple[int, int]:
@@ -178,7 +198,7 @@ class FourBitCodec(Codec):
             "_scale": torch.ones(nblocks, dtype=torch.float32, device=device),
         }
 
-    def decode(self, stored, shape):
+    def decode(self, stored, shape, out=None):
         packed = stored[""]
         n = packed.shape[0]
         numel = math.prod(shape)
@@ -193,8 +213,8 @@ class FourBitCodec(Codec):
         numel = x[0].numel()
         block, nblocks = _block_layout(numel, self.block)
         blocks = _blocked(x, numel, block, nblocks)
-        scale = blocks.abs().amax(dim=-1).clamp_min(_TINY_ABSMAX) / 7.0
-        levels = torch.round(blocks / scale.unsqueeze(-1)).clamp_(-7, 7)
+        scale = _absmax(blocks).squeeze(-1).clamp_min_(_TINY_ABSMAX) / 7.0
+        levels = blocks.div_(scale.unsqueeze(-1)).round_()
         nibbles = levels.view(n, -1)[:, :numel].to(torch.uint8).add_(8)
         if numel % 2:
             nibbles = torch.nn.functional.pad(nibbles, (0, 1))
@@ -236,7 +256,7 @@ class LogSpace8BitCodec(Codec):
             "_offset": torch.zeros(nblocks, dtype=torch.float32, device=device),
         }
 
-    def decode(self, stored, shape):
+    def decode(self, stored, shape, out=None):
         codes = stored[""]
         n = codes.shape[0]
         numel = math.prod(shape)

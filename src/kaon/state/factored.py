@@ -25,13 +25,16 @@ def matrix_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def update_moments(
-    row: Tensor, col: Tensor, grad: Tensor, beta2: float, eps1: float
+    row: Tensor, col: Tensor, grad_squared: Tensor, beta2: float, eps1: float
 ) -> tuple[Tensor, Tensor]:
-    """EMA of the row and column means of ``grad**2 + eps1`` (eps added before the means)."""
-    squared = grad.square().add_(eps1)
-    row_mean = ops.mean(squared, dim=-1)
-    col_mean = ops.mean(squared, dim=-2)
-    return row.lerp(row_mean, 1.0 - beta2), col.lerp(col_mean, 1.0 - beta2)
+    """EMA, in place, of the row and column means of ``grad**2 + eps1``.
+
+    ``grad_squared`` is ``grad**2`` ``[N, R, C]``; ``eps1`` is added to the means (the same as
+    adding it to every element first).
+    """
+    row_mean = ops.mean(grad_squared, dim=-1).add_(eps1)
+    col_mean = ops.mean(grad_squared, dim=-2).add_(eps1)
+    return row.lerp_(row_mean, 1.0 - beta2), col.lerp_(col_mean, 1.0 - beta2)
 
 
 def inverse_sqrt_factors(row: Tensor, col: Tensor) -> tuple[Tensor, Tensor]:
