@@ -54,7 +54,7 @@ class Slot:
     def signature(self) -> tuple:
         return (self.name, self.codec.key, self.shape)
 
-    def keys(self) -> list[str]:
+    def state_keys(self) -> list[str]:
         return [self.name + suffix for suffix in self.codec.suffixes]
 
 
@@ -272,7 +272,7 @@ def _run_chunk(opt: KaonOptimizer, group: dict, chunk: _Chunk) -> None:
     grad = _stack([p.grad.reshape(view) for p in params]).float()
     if group.get("maximize", False):
         grad = -grad
-    stored = {key: _stack([s[key] for s in states]) for slot in slots for key in slot.keys()}
+    stored = {key: _stack([s[key] for s in states]) for slot in slots for key in slot.state_keys()}
 
     finite = None
     if opt.nonfinite_grad == "skip":
