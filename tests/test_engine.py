@@ -70,7 +70,7 @@ def test_budget_and_cutoff_routing():
     sizes = sorted(len(c.params) for c in chunks)
     assert sizes == [1, 2, 2, 2]  # 300-element tensor alone; 100-element ones two per chunk
     default = kaon.Adakaon(p)
-    assert engine.stack_budget(default, torch.device("cpu")) == 262_144
+    assert engine.stack_budget(default, torch.device("cpu")) == 1_048_576
 
 
 def test_plan_follows_parameters_that_gain_gradients():

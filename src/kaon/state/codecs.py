@@ -139,7 +139,9 @@ class Int8Codec(Codec):
     decodes_into = True
 
     def decode(self, stored, shape, out=None):
-        return torch.mul(stored[""], stored["_scale"], out=out)  # int8 * fp32 promotes
+        if out is None:
+            return torch.mul(stored[""], stored["_scale"])  # int8 * fp32 promotes to fp32
+        return out.copy_(stored[""]).mul_(stored["_scale"])
 
     def encode(self, x):
         rows = x.reshape(x.shape[0], x.shape[1], -1) if x.ndim >= 3 else x
