@@ -173,7 +173,26 @@ def _blocked(x: Tensor, numel: int, block: int, nblocks: int) -> Tensor:
     return flat.view(x.shape[0], nblocks, block)
 
 
-class FourBitCodec(Codec):
+class _BlockCodec(Codec):
+    """A codec that quantizes the row-major flattened slot in blocks of ``block`` elements."""
+
+    name = ""
+
+    def __init__(self, block: int) -> None:
+        self.block = int(block)
+
+    @property
+    def key(self) -> tuple:
+        return (self.name, self.block)
+
+    def layout(self, shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """(numel, effective block, number of blocks) of a slot."""
+        numel = math.prod(shape)
+        block, nblocks = _block_layout(numel, self.block)
+        return numel, block, nblocks
+
+
+class FourBitCodec(_BlockCodec):
     """Symmetric linear 4-bit with one absmax scale per block of the row-major flattened slot.
 
     ``scale = max(absmax, 1e-12) / 7``, level ``q = round(x / scale)`` in ``[-7, 7]``, stored as
@@ -184,17 +203,13 @@ class FourBitCodec(Codec):
     """
 
     suffixes = ("", "_scale")
+    name = "4bit"
 
     def __init__(self, block: int = 128) -> None:
-        self.block = int(block)
-
-    @property
-    def key(self) -> tuple:
-        return ("4bit", self.block)
+        super().__init__(block)
 
     def init(self, shape, device):
-        numel = math.prod(shape)
-        _, nblocks = _block_layout(numel, self.block)
+        numel, _, nblocks = self.layout(shape)
         return {
             "": torch.full(((numel + 1) // 2,), 0x88, dtype=torch.uint8, device=device),
             "_scale": torch.ones(nblocks, dtype=torch.float32, device=device),
@@ -203,8 +218,7 @@ class FourBitCodec(Codec):
     def decode(self, stored, shape, out=None):
         packed = stored[""]
         n = packed.shape[0]
-        numel = math.prod(shape)
-        block, nblocks = _block_layout(numel, self.block)
+        numel, block, nblocks = self.layout(shape)
         nibbles = torch.stack((packed & 0x0F, packed >> 4), dim=-1).view(n, -1)
         levels = nibbles[:, :numel].float().sub_(8.0)
         values = _blocked(levels, numel, block, nblocks) * stored["_scale"].unsqueeze(-1)
@@ -212,8 +226,7 @@ class FourBitCodec(Codec):
 
     def encode(self, x):
         n = x.shape[0]
-        numel = x[0].numel()
-        block, nblocks = _block_layout(numel, self.block)
+        numel, block, nblocks = self.layout(tuple(x.shape[1:]))
         blocks = _blocked(x, numel, block, nblocks)
         scale = _absmax(blocks).squeeze(-1).clamp_min_(_TINY_ABSMAX) / 7.0
         levels = blocks.div_(scale.unsqueeze(-1)).round_()
@@ -225,7 +238,7 @@ class FourBitCodec(Codec):
         return {"": packed, "_scale": scale}
 
 
-class LogSpace8BitCodec(Codec):
+class LogSpace8BitCodec(_BlockCodec):
     """Log-space 8-bit storage for non-negative statistics (second moments).
 
     Per block of ``block`` flattened elements: over the non-zero values, ``lo = min log2 x`` and
@@ -241,17 +254,13 @@ class LogSpace8BitCodec(Codec):
     """
 
     suffixes = ("", "_scale", "_offset")
+    name = "log8"
 
     def __init__(self, block: int = 256) -> None:
-        self.block = int(block)
-
-    @property
-    def key(self) -> tuple:
-        return ("log8", self.block)
+        super().__init__(block)
 
     def init(self, shape, device):
-        numel = math.prod(shape)
-        _, nblocks = _block_layout(numel, self.block)
+        numel, _, nblocks = self.layout(shape)
         return {
             "": torch.zeros(numel, dtype=torch.uint8, device=device),
             "_scale": torch.ones(nblocks, dtype=torch.float32, device=device),
@@ -261,8 +270,7 @@ class LogSpace8BitCodec(Codec):
     def decode(self, stored, shape, out=None):
         codes = stored[""]
         n = codes.shape[0]
-        numel = math.prod(shape)
-        block, nblocks = _block_layout(numel, self.block)
+        numel, block, nblocks = self.layout(shape)
         q = _blocked(codes.double(), numel, block, nblocks)
         step = (stored["_scale"].double() / 254.0).unsqueeze(-1)
         log2 = (q - 1.0) * step + stored["_offset"].double().unsqueeze(-1)
@@ -271,8 +279,7 @@ class LogSpace8BitCodec(Codec):
 
     def encode(self, x):
         n = x.shape[0]
-        numel = x[0].numel()
-        block, nblocks = _block_layout(numel, self.block)
+        numel, block, nblocks = self.layout(tuple(x.shape[1:]))
         blocks = _blocked(x, numel, block, nblocks)
         nonzero = blocks > 0
         log2 = torch.log2(torch.where(nonzero, blocks, 1.0).double()).float()
