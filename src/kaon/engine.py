@@ -22,6 +22,7 @@ is per slice and order-independent, see :mod:`kaon.ops`).
 
 from __future__ import annotations
 
+import operator
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -155,6 +156,12 @@ class _Chunk:
     packed: dict[str, Tensor] | None = None  # batched state: one [N, ...] tensor per key
     members: dict[str, list[Tensor]] | None = None  # the views of ``packed`` held in the state
 
+    @property
+    def same_shape(self) -> bool:
+        """Whether every parameter has the first one's shape (then no per-tensor reshapes)."""
+        first = self.params[0].shape
+        return all(p.shape == first for p in self.params)
+
     def state_keys(self) -> list[str]:
         return [key for slot in self.slots for key in slot.state_keys()]
 
@@ -169,9 +176,8 @@ def _packed_state(opt: KaonOptimizer, chunk: _Chunk, states: list[dict]) -> dict
     """
     keys = chunk.state_keys()
     if chunk.packed is not None and chunk.members is not None and all(
-        state[key] is view
+        all(map(operator.is_, [state[key] for state in states], chunk.members[key]))
         for key in keys
-        for state, view in zip(states, chunk.members[key])
     ):
         return chunk.packed
     packed, members = {}, {}
@@ -285,17 +291,21 @@ def run_group(opt: KaonOptimizer, group: dict, params: list[Tensor]) -> None:
         _run_chunk(opt, group, chunk)
 
 
-def _gather_grads(opt: KaonOptimizer, params: list[Tensor], view: tuple[int, ...]) -> Tensor:
+def _gather_grads(opt: KaonOptimizer, chunk: _Chunk) -> Tensor:
     """The fp32 gradients ``[N, *view]``: a view for one fp32 gradient, else a workspace copy."""
-    grads = [p.grad.reshape(view) for p in params]
-    if len(grads) == 1 and grads[0].dtype == torch.float32:
-        return grads[0].unsqueeze(0)
-    out = opt._workspace.take("grad", (len(grads), *view), grads[0].device)
+    params, view = chunk.params, chunk.view
+    if len(params) == 1 and params[0].grad.dtype == torch.float32:
+        return params[0].grad.reshape(1, *view)
+    out = opt._workspace.take("grad", (len(params), *view), params[0].device)
+    shape = params[0].shape if chunk.same_shape else torch.Size(view)
+    target = out.view(len(params), *shape)
+    grads = [p.grad for p in params] if chunk.same_shape else [p.grad.reshape(view) for p in params]
     if grads[0].dtype == torch.float32:
-        return torch.stack(grads, out=out)
-    if len(grads) == 1:
-        return out.copy_(grads[0].unsqueeze(0))
-    torch._foreach_copy_(list(out.unbind(0)), grads)
+        torch.stack(grads, out=target)
+    elif len(grads) == 1:
+        target.copy_(grads[0].unsqueeze(0))
+    else:
+        torch._foreach_copy_(list(target.unbind(0)), grads)
     return out
 
 
@@ -314,7 +324,7 @@ def _keep_where(finite: Tensor | None, new: Tensor, old: Tensor) -> Tensor:
 def _run_chunk(opt: KaonOptimizer, group: dict, chunk: _Chunk) -> None:
     params, view, slots = chunk.params, chunk.view, chunk.slots
     states = [opt.state[p] for p in params]
-    grad = _gather_grads(opt, params, view)
+    grad = _gather_grads(opt, chunk)
     if group.get("maximize", False):
         grad = -grad
     if len(params) == 1:

@@ -73,7 +73,7 @@ def apply_step(
         if len(params) == 1:
             params[0].sub_(delta[0].view_as(params[0]))
         else:
-            torch._foreach_sub_(params, [d.view_as(p) for d, p in zip(delta.unbind(0), params)])
+            torch._foreach_sub_(params, _slices_like(delta, params))
         return None
     if params_fp32 is None:
         params_fp32 = _stack_fp32(params, delta.shape[1:])
@@ -93,8 +93,16 @@ def apply_step(
     if len(params) == 1:
         params[0].copy_(rounded[0].view_as(params[0]))
     else:
-        torch._foreach_copy_(params, [r.view_as(p) for r, p in zip(rounded.unbind(0), params)])
+        torch._foreach_copy_(params, _slices_like(rounded, params))
     return new_shift
+
+
+def _slices_like(stacked: Tensor, params: list[Tensor]) -> list[Tensor]:
+    """``stacked[i]`` viewed with ``params[i]``'s shape (one call when the shapes agree)."""
+    first = params[0].shape
+    if all(p.shape == first for p in params):
+        return list(stacked.view(len(params), *first).unbind(0))
+    return [s.view_as(p) for s, p in zip(stacked.unbind(0), params)]
 
 
 def _round_toward_zero(x: Tensor, dtype: torch.dtype) -> Tensor:

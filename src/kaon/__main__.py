@@ -1,0 +1,3 @@
+from kaon.cli import main
+
+raise SystemExit(main())
