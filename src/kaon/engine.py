@@ -98,18 +98,11 @@ class Batch:
     @property
     def param(self) -> Tensor:
         if self._param is None:
-            params = [p.detach().reshape(self.view) for p in self.params]
-            if len(params) == 1 and params[0].dtype == torch.float32:
-                self._param = params[0].unsqueeze(0)
-            else:
-                out = self.scratch("param")
-                if len(params) == 1:
-                    self._param = out.copy_(params[0].unsqueeze(0))
-                elif params[0].dtype == torch.float32:
-                    self._param = torch.stack(params, out=out)
-                else:
-                    torch._foreach_copy_(list(out.unbind(0)), params)
-                    self._param = out
+            params = [p.detach() for p in self.params]
+            first = params[0].shape
+            same_shape = all(p.shape == first for p in params)
+            workspace = self._workspace if self._workspace is not None else Workspace()
+            self._param = gather(workspace, "param", params, self.view, same_shape)
         return self._param
 
 
@@ -127,18 +120,19 @@ class Workspace:
     min_elements = 65_536
 
     def __init__(self) -> None:
-        self._buffers: dict[tuple[str, torch.device], Tensor] = {}
+        self._buffers: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
 
-    def take(self, name: str, shape: torch.Size | tuple[int, ...], device: torch.device) -> Tensor:
+    def take(self, name: str, shape: torch.Size | tuple[int, ...], device: torch.device,
+             dtype: torch.dtype = torch.float32) -> Tensor:
         numel = 1
         for size in shape:
             numel *= size
         if device.type != "cpu" or numel < self.min_elements:
-            return torch.empty(shape, dtype=torch.float32, device=device)
-        buffer = self._buffers.get((name, device))
+            return torch.empty(shape, dtype=dtype, device=device)
+        buffer = self._buffers.get((name, device, dtype))
         if buffer is None or buffer.numel() < numel:
-            buffer = torch.empty(numel, dtype=torch.float32, device=device)
-            self._buffers[(name, device)] = buffer
+            buffer = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[(name, device, dtype)] = buffer
         return buffer[:numel].view(shape)
 
     def nbytes(self) -> int:
@@ -291,22 +285,33 @@ def run_group(opt: KaonOptimizer, group: dict, params: list[Tensor]) -> None:
         _run_chunk(opt, group, chunk)
 
 
-def _gather_grads(opt: KaonOptimizer, chunk: _Chunk) -> Tensor:
-    """The fp32 gradients ``[N, *view]``: a view for one fp32 gradient, else a workspace copy."""
-    params, view = chunk.params, chunk.view
-    if len(params) == 1 and params[0].grad.dtype == torch.float32:
-        return params[0].grad.reshape(1, *view)
-    out = opt._workspace.take("grad", (len(params), *view), params[0].device)
-    shape = params[0].shape if chunk.same_shape else torch.Size(view)
-    target = out.view(len(params), *shape)
-    grads = [p.grad for p in params] if chunk.same_shape else [p.grad.reshape(view) for p in params]
-    if grads[0].dtype == torch.float32:
-        torch.stack(grads, out=target)
-    elif len(grads) == 1:
-        target.copy_(grads[0].unsqueeze(0))
+def gather(workspace: Workspace, name: str, tensors: list[Tensor], view: tuple[int, ...],
+           same_shape: bool) -> Tensor:
+    """``tensors`` (equal numel) as one fp32 ``[N, *view]`` tensor.
+
+    One fp32 tensor is returned as a view (no copy); otherwise the tensors are stacked in their
+    own dtype into a workspace buffer (one ``stack`` call) and converted to fp32 in one copy.
+    """
+    if len(tensors) == 1 and tensors[0].dtype == torch.float32:
+        return tensors[0].reshape(1, *view)
+    count, device, dtype = len(tensors), tensors[0].device, tensors[0].dtype
+    out = workspace.take(name, (count, *view), device)
+    shape = tensors[0].shape if same_shape else torch.Size(view)
+    parts = tensors if same_shape else [t.reshape(view) for t in tensors]
+    if dtype == torch.float32:
+        torch.stack(parts, out=out.view(count, *shape))
+    elif count == 1:
+        out.copy_(parts[0].reshape(1, *view))
     else:
-        torch._foreach_copy_(list(target.unbind(0)), grads)
+        staged = workspace.take(name + ":" + str(dtype), (count, *shape), device, dtype)
+        out.copy_(torch.stack(parts, out=staged).view(count, *view))
     return out
+
+
+def _gather_grads(opt: KaonOptimizer, chunk: _Chunk) -> Tensor:
+    """The fp32 gradients ``[N, *view]`` of a chunk."""
+    grads = [p.grad for p in chunk.params]
+    return gather(opt._workspace, "grad", grads, chunk.view, chunk.same_shape)
 
 
 def _store(new: Tensor, old: Tensor) -> None:
