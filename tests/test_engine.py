@@ -127,3 +127,67 @@ def test_older_checkpoint_gets_new_group_keys_backfilled():
     clone = kaon.Adakaon.__new__(kaon.Adakaon)
     clone.__setstate__(state)
     assert clone.nonfinite_grad == "skip"
+
+
+def test_parameter_groups_may_be_generators():
+    model = nn.Linear(4, 3)
+    opt = kaon.Adakaon([{"params": model.parameters(), "lr": 0.1}])
+    assert len(opt.param_groups[0]["params"]) == 2
+    before = model.weight.detach().clone()
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    assert not torch.equal(before, model.weight)
+
+
+def test_empty_parameters_are_left_alone():
+    params = [nn.Parameter(torch.randn(0)), nn.Parameter(torch.randn(3, 0)),
+              nn.Parameter(torch.randn(4, 4))]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = kaon.Adakaon(params, lr=0.1)
+    opt.step()
+    assert params[2] in opt.state and params[0] not in opt.state
+
+
+def test_step_param_reuses_one_plan_per_parameter():
+    params = [nn.Parameter(torch.randn(3, 3)) for _ in range(20)]
+    opt = kaon.Adakaon(params)
+    group = opt.param_groups[0]
+    calls = []
+    original = engine._plan
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    engine._plan = counting
+    try:
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(3, 3)
+                opt.step_param(p, group)
+    finally:
+        engine._plan = original
+    assert len(calls) == 20
+
+
+def test_state_follows_layout_changes():
+    p = nn.Parameter(torch.randn(6, 6))
+    p.grad = torch.randn(6, 6)
+    opt = kaon.Adakaon([p], momentum_dtype="int8")
+    opt.step()
+    assert "m" in opt.state[p] and "m_scale" in opt.state[p]
+    opt.param_groups[0]["betas"] = (0.0, 0.999)
+    opt.step()
+    assert set(opt.state[p]) == {"row", "col"}
+
+
+def test_a_subclass_without_bf16_method_works():
+    class Plain(kaon.KaonOptimizer):
+        def update(self, batch):
+            return batch.grad * batch.group["lr"], {}
+
+    p = nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    p.grad = torch.ones(3, dtype=torch.bfloat16)
+    Plain([p], {"lr": 0.5}).step()
+    assert torch.equal(p.detach(), torch.full((3,), 0.5, dtype=torch.bfloat16))

@@ -71,9 +71,10 @@ class Batch:
     values). The rule returns ``(delta, new_state)``; the engine applies ``p <- p - delta``.
     """
 
-    __slots__ = ("grad", "state", "group", "params", "view", "_param", "_workspace")
+    __slots__ = ("grad", "state", "group", "params", "view", "_param", "_workspace", "_same_shape")
 
-    def __init__(self, grad, state, group, params, view, workspace=None) -> None:
+    def __init__(self, grad, state, group, params, view, workspace=None,
+                 same_shape: bool | None = None) -> None:
         self.grad: Tensor = grad
         self.state: dict[str, Tensor] = state
         self.group: dict[str, Any] = group
@@ -81,6 +82,9 @@ class Batch:
         self.view: tuple[int, ...] = view
         self._param: Tensor | None = None
         self._workspace: Workspace | None = workspace
+        if same_shape is None:
+            same_shape = all(p.shape == params[0].shape for p in params)
+        self._same_shape = same_shape
 
     def scratch(self, name: str) -> Tensor:
         """An uninitialized fp32 tensor shaped like ``grad``, reused across steps on CPU.
@@ -99,10 +103,8 @@ class Batch:
     def param(self) -> Tensor:
         if self._param is None:
             params = [p.detach() for p in self.params]
-            first = params[0].shape
-            same_shape = all(p.shape == first for p in params)
             workspace = self._workspace if self._workspace is not None else Workspace()
-            self._param = gather(workspace, "param", params, self.view, same_shape)
+            self._param = gather(workspace, "param", params, self.view, self._same_shape)
         return self._param
 
 
@@ -150,11 +152,11 @@ class _Chunk:
     packed: dict[str, Tensor] | None = None  # batched state: one [N, ...] tensor per key
     members: dict[str, list[Tensor]] | None = None  # the views of ``packed`` held in the state
 
-    @property
-    def same_shape(self) -> bool:
-        """Whether every parameter has the first one's shape (then no per-tensor reshapes)."""
+    same_shape: bool = False  # every parameter has the first one's shape: no per-tensor reshapes
+
+    def __post_init__(self) -> None:
         first = self.params[0].shape
-        return all(p.shape == first for p in self.params)
+        self.same_shape = all(p.shape == first for p in self.params)
 
     def state_keys(self) -> list[str]:
         return [key for slot in self.slots for key in slot.state_keys()]
@@ -213,7 +215,7 @@ def effective_cutoff(opt: KaonOptimizer, device: torch.device) -> int:
 def _layout(opt: KaonOptimizer, p: Tensor, group: dict) -> tuple[tuple[int, ...], tuple]:
     view = tuple(opt.view_shape(p, group))
     slots = list(opt.state_slots(p, group, view))
-    if precision.needs_shift(p.dtype, group["bf16_method"]):
+    if precision.needs_shift(p.dtype, group.get("bf16_method", "stochastic_rounding")):
         slots.append(Slot(SHIFT, FloatCodec(p.dtype), view))
     return view, tuple(slots)
 
@@ -225,6 +227,9 @@ def _ensure_state(opt: KaonOptimizer, p: Tensor, slots: tuple[Slot, ...]) -> Non
             for suffix, tensor in slot.codec.init(slot.shape, p.device).items():
                 state[slot.name + suffix] = tensor
         return
+    wanted = {key for slot in slots for key in slot.state_keys()}
+    for key in [k for k, v in state.items() if isinstance(v, Tensor) and k not in wanted]:
+        del state[key]  # e.g. the momentum after beta1 was set to 0: not kept, saved or counted
     for slot in slots:
         expected = slot.codec.init(slot.shape, torch.device("meta"))
         for suffix, ref in expected.items():
@@ -271,16 +276,22 @@ def _plan_key(opt: KaonOptimizer, group: dict, params: list[Tensor]) -> tuple:
 
 def run_group(opt: KaonOptimizer, group: dict, params: list[Tensor]) -> None:
     """Run the optimizer's rule over ``params`` (all with gradients) of ``group``."""
+    params = [p for p in params if p.numel() > 0]  # nothing to update in an empty tensor
     if not params:
         return
-    cache = opt._plans.setdefault(id(group), OrderedDict())
+    # one-parameter plans (step_param from a backward hook) are kept per parameter; plans of
+    # several parameters are few, so an LRU of a handful suffices
+    single = len(params) == 1
+    cache = opt._plans.setdefault((id(group), single), OrderedDict())
     key = _plan_key(opt, group, params)
     chunks = cache.get(key)
     if chunks is None:
         chunks = _plan(opt, group, params)
         cache[key] = chunks
-        while len(cache) > _MAX_PLANS_PER_GROUP:
+        while not single and len(cache) > _MAX_PLANS_PER_GROUP:
             cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
     for chunk in chunks:
         _run_chunk(opt, group, chunk)
 
@@ -355,7 +366,7 @@ def _run_chunk(opt: KaonOptimizer, group: dict, chunk: _Chunk) -> None:
         if finite is not None and value.data_ptr() == raw[""].data_ptr():
             value = value.clone()  # the rule may write in place; masking needs the old values
         decoded[slot.name] = value
-    batch = Batch(grad, decoded, group, params, view, opt._workspace)
+    batch = Batch(grad, decoded, group, params, view, opt._workspace, chunk.same_shape)
     delta, new_state = opt.update(batch)
     if finite is not None:
         delta = torch.where(finite.view(-1, *([1] * len(view))), delta, 0.0)
@@ -363,7 +374,8 @@ def _run_chunk(opt: KaonOptimizer, group: dict, chunk: _Chunk) -> None:
     # parameters first: encoding may reuse the rule's fp32 outputs as scratch space
     shift = stored.get(SHIFT)
     new_shift = precision.apply_step(
-        params, delta, group["bf16_method"], opt._generator(params[0].device),
+        params, delta, group.get("bf16_method", "stochastic_rounding"),
+        opt._generator(params[0].device),
         batch._param, shift,
     )
     for slot in slots:

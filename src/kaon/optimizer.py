@@ -93,7 +93,7 @@ class KaonOptimizer(torch.optim.Optimizer):
         self.nonfinite_grad = nonfinite_grad
         self.seed = int(seed if seed is not None else torch.initial_seed()) % _MAX_SEED
         self._generators: dict[torch.device, torch.Generator] = {}
-        self._plans: dict[int, Any] = {}
+        self._plans: dict[Any, Any] = {}
         self._workspace = engine.Workspace()
         super().__init__(params, defaults)
 
@@ -121,6 +121,8 @@ class KaonOptimizer(torch.optim.Optimizer):
         check_all(self.hyperparameter_checks, merged, type(self).__name__)
         params = param_group.get("params")
         tensors = [params] if isinstance(params, Tensor) else list(params or [])
+        if not isinstance(params, (Tensor, list, tuple, set)):
+            param_group = {**param_group, "params": tensors}  # a generator would be used up
         for p in tensors:
             if isinstance(p, Tensor) and (p.is_complex() or not p.is_floating_point()):
                 raise TypeError(
@@ -283,15 +285,10 @@ class KaonOptimizer(torch.optim.Optimizer):
     def _check_gradients(self, params: Iterable[Tensor]) -> None:
         params = list(params)
         for p in params:
-            if p.grad.is_sparse:
+            if p.grad.layout != torch.strided:
                 raise TypeError(
                     f"{type(self).__name__} does not support sparse gradients (parameter of shape "
                     f"{tuple(p.shape)}); use a dense embedding (sparse=False)"
-                )
-            if p.grad.shape != p.shape:
-                raise ValueError(
-                    f"gradient shape {tuple(p.grad.shape)} does not match parameter shape "
-                    f"{tuple(p.shape)}"
                 )
         if self.nonfinite_grad == "raise" and params:
             norms = torch.stack([torch.linalg.vector_norm(p.grad.float()).to("cpu") for p in params])
