@@ -1,3 +1,6 @@
+"""``python -m kaon``: the ``kaon`` command."""
+
 from kaon.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":
+    raise SystemExit(main())
