@@ -64,6 +64,14 @@ def train(model, opt, steps, start=0, dtype=torch.float32):
     return losses
 
 
+def started(entry: Entry, dtype=torch.float32, steps=0, **overrides):
+    """A fresh model and optimizer for ``entry``, trained for ``steps`` steps."""
+    model = make_model(dtype)
+    opt = entry.make(model.parameters(), lr=entry.train_lr, **overrides)
+    train(model, opt, steps, dtype=dtype)
+    return model, opt
+
+
 def params_of(model):
     return [p.detach().clone() for p in model.parameters()]
 
@@ -231,9 +239,7 @@ def test_step_hooks_fire(entry: Entry):
 @pytest.mark.parametrize("entry", OPTIMIZERS, ids=repr)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_deepcopy_continues_identically(entry: Entry, dtype):
-    model = make_model(dtype)
-    opt = entry.make(model.parameters(), lr=entry.train_lr)
-    train(model, opt, 2, dtype=dtype)
+    model, opt = started(entry, dtype, steps=2)
     model2, opt2 = copy.deepcopy((model, opt))
     assert opt2.foreach == opt.foreach and opt2.seed == opt.seed
     train(model, opt, 3, start=2, dtype=dtype)
@@ -263,9 +269,7 @@ def test_no_gradients_and_zero_gradients_change_nothing(entry: Entry):
 @pytest.mark.parametrize("entry", OPTIMIZERS, ids=repr)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_lr_zero_leaves_parameters_unchanged(entry: Entry, dtype):
-    model = make_model(dtype)
-    opt = entry.make(model.parameters(), lr=entry.train_lr)
-    train(model, opt, 3, dtype=dtype)
+    model, opt = started(entry, dtype, steps=3)
     for group in opt.param_groups:
         group["lr"] = 0.0
     before = params_of(model)
@@ -277,9 +281,7 @@ def test_lr_zero_leaves_parameters_unchanged(entry: Entry, dtype):
 @pytest.mark.parametrize("entry", OPTIMIZERS, ids=repr)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_resume_is_bit_identical(entry: Entry, dtype):
-    model = make_model(dtype)
-    opt = entry.make(model.parameters(), lr=entry.train_lr)
-    train(model, opt, 3, dtype=dtype)
+    model, opt = started(entry, dtype, steps=3)
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
     saved_dtypes = {i: {k: v.dtype for k, v in s.items() if torch.is_tensor(v)}
@@ -354,9 +356,7 @@ def test_batched_equals_per_parameter(entry: Entry, budget):
 @pytest.mark.parametrize("entry", OPTIMIZERS, ids=repr)
 @pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
 def test_nonfinite_gradient_skips_that_parameter(entry: Entry, foreach):
-    model = make_model()
-    opt = entry.make(model.parameters(), lr=entry.train_lr, foreach=foreach)
-    train(model, opt, 2)
+    model, opt = started(entry, steps=2, foreach=foreach)
     before = params_of(model)
     state_before = snapshot_state(opt)
     set_grads(model, 2)
