@@ -191,3 +191,13 @@ def test_a_subclass_without_bf16_method_works():
     p.grad = torch.ones(3, dtype=torch.bfloat16)
     Plain([p], {"lr": 0.5}).step()
     assert torch.equal(p.detach(), torch.full((3,), 0.5, dtype=torch.bfloat16))
+
+
+def test_raise_policy_accepts_large_finite_gradients():
+    p = nn.Parameter(torch.randn(4, 4))
+    p.grad = torch.full((4, 4), 1e30)  # a norm of this overflows fp32; the gradient is finite
+    opt = kaon.Adakaon([p], nonfinite_grad="raise", foreach=False)
+    opt._check_gradients([p])  # must not raise
+    p.grad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        opt._check_gradients([p])

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import operator
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -151,8 +151,8 @@ class _Chunk:
     slots: tuple[Slot, ...]
     packed: dict[str, Tensor] | None = None  # batched state: one [N, ...] tensor per key
     members: dict[str, list[Tensor]] | None = None  # the views of ``packed`` held in the state
-
-    same_shape: bool = False  # every parameter has the first one's shape: no per-tensor reshapes
+    # every parameter has the first one's shape: no per-tensor reshapes (derived)
+    same_shape: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         first = self.params[0].shape
@@ -373,10 +373,11 @@ def _run_chunk(opt: KaonOptimizer, group: dict, chunk: _Chunk) -> None:
 
     # parameters first: encoding may reuse the rule's fp32 outputs as scratch space
     shift = stored.get(SHIFT)
+    low_precision = params[0].dtype in precision.LOW_PRECISION
     new_shift = precision.apply_step(
         params, delta, group.get("bf16_method", "stochastic_rounding"),
         opt._generator(params[0].device),
-        batch._param, shift,
+        batch.param if low_precision else None, shift,
     )
     for slot in slots:
         if slot.name == SHIFT:

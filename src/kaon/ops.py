@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "sum", "sum_squares", "mean", "slice_mean", "slice_rms", "rms_clip_", "cautious", "centralize",
+    "sum", "sum_squares", "mean", "slice_rms", "rms_clip_", "cautious", "centralize",
 ]
 
 _CHUNK = 4096
@@ -64,12 +64,6 @@ def mean(x: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
 
 def _per_slice(values: Tensor, like: Tensor) -> Tensor:
     return values.view(like.shape[0], *([1] * (like.ndim - 1)))
-
-
-def slice_mean(x: Tensor) -> Tensor:
-    """Mean of every slice ``x[i]``, shaped ``[N, 1, ...]`` to broadcast against ``x``."""
-    flat = x.reshape(x.shape[0], -1)
-    return _per_slice(mean(flat, dim=-1), x)
 
 
 def slice_rms(x: Tensor) -> Tensor:

@@ -291,8 +291,9 @@ class KaonOptimizer(torch.optim.Optimizer):
                     f"{tuple(p.shape)}); use a dense embedding (sparse=False)"
                 )
         if self.nonfinite_grad == "raise" and params:
-            norms = torch.stack([torch.linalg.vector_norm(p.grad.float()).to("cpu") for p in params])
-            bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
+            # exact: a norm would overflow for large but finite gradients
+            finite = torch.stack([torch.isfinite(p.grad).all().cpu() for p in params])
+            bad = (~finite).nonzero().flatten().tolist()
             if bad:
                 shape = tuple(params[bad[0]].shape)
                 raise FloatingPointError(

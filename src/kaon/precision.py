@@ -66,10 +66,10 @@ def apply_step(
 ) -> Tensor | None:
     """Write ``p <- p - delta`` into every parameter of a batch.
 
-    ``params`` share one dtype and shape; ``delta`` is fp32 ``[N, *view]``. ``params_fp32`` is
-    the already-built fp32 copy of low-precision parameters, if the rule built one; it is used
-    as scratch space (never pass a view of live fp32 parameters). ``shift`` is the
-    stacked Kahan buffer (``method == "kahan"`` on low precision); the new buffer is returned.
+    ``params`` share one dtype and shape; ``delta`` is fp32 ``[N, *view]``. For low-precision
+    parameters ``params_fp32`` is required: an fp32 copy of them ``[N, *view]`` (the engine's
+    ``Batch.param``), used as scratch space. ``shift`` is the stacked Kahan buffer
+    (``method == "kahan"`` on low precision); the new buffer is returned.
     """
     dtype = params[0].dtype
     if dtype not in LOW_PRECISION:
@@ -79,8 +79,9 @@ def apply_step(
             torch._foreach_sub_(params, _slices_like(delta, params))
         return None
     # the fp32 copy of low-precision parameters is the caller's scratch: compute in place
-    target = (params_fp32 if params_fp32 is not None else _stack_fp32(params, delta.shape[1:]))
-    target = target.sub_(delta)
+    if params_fp32 is None:
+        raise RuntimeError("low-precision write-back needs the fp32 copy of the parameters")
+    target = params_fp32.sub_(delta)
     new_shift = None
     if method == "kahan":
         if shift is None:
@@ -122,8 +123,3 @@ def _round_toward_zero(x: Tensor, dtype: torch.dtype) -> Tensor:
     too_far = nearest.float().abs() > x.abs()
     return torch.where(too_far, torch.nextafter(nearest, torch.zeros_like(nearest)), nearest)
 
-
-def _stack_fp32(params: list[Tensor], view: torch.Size) -> Tensor:
-    if len(params) == 1:
-        return params[0].detach().reshape(1, *view).float()
-    return torch.stack([p.detach().reshape(view) for p in params]).float()
