@@ -90,3 +90,16 @@ class AdakaonReference:
             delta = delta * mask / max(mask.mean().item(), 1e-8)
         with torch.no_grad():
             self.p.sub_(delta.reshape(self.p.shape).to(self.p.dtype))
+
+
+def newton_schulz_reference(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Muon's quintic Newton-Schulz on one fp32 matrix, transposing a tall one."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.float() / max(g.float().norm().item(), eps)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x

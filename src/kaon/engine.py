@@ -71,15 +71,17 @@ class Batch:
     values). The rule returns ``(delta, new_state)``; the engine applies ``p <- p - delta``.
     """
 
-    __slots__ = ("grad", "state", "group", "params", "view", "_param", "_workspace", "_same_shape")
+    __slots__ = ("grad", "state", "group", "params", "view", "slots", "_param", "_workspace",
+                 "_same_shape")
 
     def __init__(self, grad, state, group, params, view, workspace=None,
-                 same_shape: bool | None = None) -> None:
+                 same_shape: bool | None = None, slots: dict[str, Slot] | None = None) -> None:
         self.grad: Tensor = grad
         self.state: dict[str, Tensor] = state
         self.group: dict[str, Any] = group
         self.params: list[Tensor] = params
         self.view: tuple[int, ...] = view
+        self.slots: dict[str, Slot] = slots or {}
         self._param: Tensor | None = None
         self._workspace: Workspace | None = workspace
         if same_shape is None:
@@ -98,6 +100,15 @@ class Batch:
     @property
     def size(self) -> int:
         return len(self.params)
+
+    def as_stored(self, name: str, value: Tensor) -> Tensor:
+        """``value`` (fp32, shaped like slot ``name``) as it reads back after being stored.
+
+        For a rule that must use exactly the value the next step will decode (e.g. a
+        displacement derived from a quantized momentum). ``value`` is not modified.
+        """
+        codec = self.slots[name].codec
+        return codec.decode(codec.encode(value.clone()), self.slots[name].shape)
 
     @property
     def param(self) -> Tensor:
@@ -366,7 +377,8 @@ def _run_chunk(opt: KaonOptimizer, group: dict, chunk: _Chunk) -> None:
         if finite is not None and value.data_ptr() == raw[""].data_ptr():
             value = value.clone()  # the rule may write in place; masking needs the old values
         decoded[slot.name] = value
-    batch = Batch(grad, decoded, group, params, view, opt._workspace, chunk.same_shape)
+    batch = Batch(grad, decoded, group, params, view, opt._workspace, chunk.same_shape,
+                  {slot.name: slot for slot in slots})
     delta, new_state = opt.update(batch)
     if finite is not None:
         delta = torch.where(finite.view(-1, *([1] * len(view))), delta, 0.0)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 __all__ = [
     "sum", "sum_squares", "mean", "slice_rms", "rms_clip_", "cautious", "centralize",
+    "newton_schulz", "NS_COEFFICIENTS",
 ]
 
 _CHUNK = 4096
@@ -109,3 +110,42 @@ def centralize(grad: Tensor, out: Tensor | None = None) -> Tensor:
         return grad
     return torch.sub(grad, mean(grad, dim=-1, keepdim=True), out=out)
 
+
+
+#: Keller Jordan's quintic Newton-Schulz coefficients (a, b, c)
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(
+    matrix: Tensor,
+    steps: int = 5,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    eps: float = 1e-7,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+) -> Tensor:
+    """Approximate orthogonalization ``U V^T`` of every slice of ``matrix`` ``[N, R, C]``.
+
+    The quintic Newton-Schulz iteration of Muon: ``X = M / max(||M||_F, eps)`` per slice (so every
+    singular value is at most 1), then ``steps`` times ``A = X X^T``, ``B = b A + c A^2``,
+    ``X <- a X + B X``. It runs in ``dtype`` (bf16 by default: the iteration is robust to it and
+    it halves the matmul cost; float32 for exactness tests). A tall slice (``R > C``) is worked on
+    transposed so the Gram matrix is the smaller ``C x C``. The Frobenius norm is the chunked,
+    batch-independent :func:`sum_squares`. Returns fp32 ``[N, R, C]``.
+    """
+    if matrix.ndim != 3:
+        raise ValueError(f"newton_schulz expects [N, R, C]; got shape {tuple(matrix.shape)}")
+    a, b, c = coefficients
+    flat = matrix.reshape(matrix.shape[0], -1)
+    norm = sum_squares(flat.float(), dim=-1).sqrt_().clamp_min_(eps)
+    x = (matrix.float() / norm.view(-1, 1, 1)).to(dtype)
+    tall = matrix.shape[-2] > matrix.shape[-1]
+    if tall:
+        x = x.mT
+    for _ in range(steps):
+        gram = x @ x.mT
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, poly, x, beta=a, alpha=1.0)
+    if tall:
+        x = x.mT
+    return x.float().contiguous()

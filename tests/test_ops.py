@@ -1,0 +1,38 @@
+"""Shared math pieces of kaon.ops against plain references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import newton_schulz_reference
+
+from kaon import ops
+
+
+@pytest.mark.parametrize("shape", [(16, 64), (64, 16), (32, 32)])
+def test_newton_schulz_matches_reference_in_fp32(shape):
+    gen = torch.Generator().manual_seed(0)
+    batch = torch.randn(3, *shape, generator=gen)
+    out = ops.newton_schulz(batch, steps=5, dtype=torch.float32)
+    for i in range(3):
+        expected = newton_schulz_reference(batch[i], steps=5)
+        torch.testing.assert_close(out[i], expected, atol=2e-5, rtol=1e-4)
+
+
+def test_newton_schulz_flattens_singular_values_and_is_batch_independent():
+    gen = torch.Generator().manual_seed(1)
+    batch = torch.randn(4, 48, 20, generator=gen)
+    out = ops.newton_schulz(batch, steps=5)  # bf16 iteration
+    singular = torch.linalg.svdvals(out)
+    assert singular.min() > 0.5 and singular.max() < 1.3  # the quintic's band around 1
+    assert torch.equal(ops.newton_schulz(batch[2:3], steps=5)[0], out[2])
+
+
+def test_newton_schulz_zero_matrix_stays_zero():
+    out = ops.newton_schulz(torch.zeros(2, 8, 4), steps=3)
+    assert torch.equal(out, torch.zeros(2, 8, 4))
+
+
+def test_newton_schulz_rejects_wrong_rank():
+    with pytest.raises(ValueError, match="N, R, C"):
+        ops.newton_schulz(torch.zeros(8, 4))
