@@ -58,7 +58,7 @@ class AdakaonReference:
     def step(self, grad: torch.Tensor) -> None:
         beta1, beta2 = self.betas
         g = self.matrix(grad.float()).clone()
-        if self.centralize and self.factored:
+        if self.centralize and self.factored and g.shape[1] > 1:
             g = g - g.mean(dim=1, keepdim=True)
         if self.factored:
             sq = g * g + self.eps1

@@ -168,3 +168,21 @@ def test_maximize_climbs():
         p.grad = torch.ones(4)
         opt.step()
     assert (p > 0).all()
+
+
+def test_single_column_matrix_is_not_frozen_by_centralization():
+    """Centralizing a [R, 1] gradient would zero it; Adakaon must still train such a weight."""
+
+    gen = torch.Generator().manual_seed(4)
+    start = torch.randn(6, 1, generator=gen)
+    p = torch.nn.Parameter(start.clone())
+    ref_p = start.clone()
+    opt = kaon.Adakaon([p], lr=1e-2, momentum_dtype="float32")
+    ref = AdakaonReference(ref_p, lr=1e-2)
+    for _ in range(5):
+        g = torch.randn(6, 1, generator=gen)
+        p.grad = g.clone()
+        opt.step()
+        ref.step(g)
+    assert not torch.equal(p.detach(), start)
+    torch.testing.assert_close(p.detach(), ref_p, atol=1e-6, rtol=1e-5)

@@ -103,10 +103,12 @@ def centralize(grad: Tensor, out: Tensor | None = None) -> Tensor:
     """Gradient centralization: subtract each output row's mean.
 
     ``grad`` is ``[N, R, C]`` (the matrix view of a parameter with two or more dimensions); 1-D
-    views are returned unchanged. The result goes to ``out`` or a new tensor; the input is never
-    modified.
+    views are returned unchanged, and so are views with one element per row (``C == 1``, e.g. a
+    ``Linear(1, R)`` weight): centralizing those would zero the whole gradient and freeze the
+    parameter (a defect of the upstream rule, fixed here). The result goes to ``out`` or a new
+    tensor; the input is never modified.
     """
-    if grad.ndim < 3:
+    if grad.ndim < 3 or grad.shape[-1] == 1:
         return grad
     return torch.sub(grad, mean(grad, dim=-1, keepdim=True), out=out)
 
