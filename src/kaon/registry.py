@@ -147,3 +147,4 @@ def create(
 
 register("Adakaon", kaon.Adakaon)
 register("AdamW", torch.optim.AdamW)
+register("KProdigy", kaon.KProdigy)
