@@ -275,3 +275,21 @@ def test_bench_suites_exist_for_the_benchmark_script():
 def test_independent_d_must_be_a_bool_or_none():
     with pytest.raises(TypeError, match="independent_d"):
         kaon.KProdigy(make_model().parameters(), independent_d="auto")
+
+
+def test_docs_page_example_runs_and_documents_every_argument_and_state_key():
+    import inspect
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "kprodigy.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    namespace: dict = {}
+    exec(compile(blocks[0], "docs/kprodigy.md", "exec"), namespace)
+    assert namespace["effective_lr"] > 0 and namespace["opt"].state
+    for name in inspect.signature(kaon.KProdigy).parameters:
+        if name != "params":
+            assert f"`{name}`" in text, name
+    for key in ("`s`", "`p0`", "`m`", "`m_scale`", "`v`", "`row`", "`col`", "`shift`", "`d`",
+                "`d_max`", "`d_numerator`", "`d_hat`", "`k`"):
+        assert key in text, key

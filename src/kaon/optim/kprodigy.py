@@ -446,18 +446,19 @@ class KProdigy(KaonOptimizer):
             torch.sqrt(v, out=den)
         den.add_(d_new * group["eps"])
 
+        # (scale * numerator) / den in one pass, rounded as the reference's addcdiv_
         delta = batch.scratch("delta")
+        zero = torch.zeros((), device=den.device)
         if beta1 > 0:
             m = state["m"]
             quantized = self._momentum_dtype(batch.params[0], group) in _QUANTIZED
             if quantized:
                 m.mul_(d)  # stored as m / d (the d that is current at the next step)
             m.mul_(beta1).add_(g, alpha=d * (1 - beta1))
-            torch.mul(m, dlr, out=delta)
+            delta = torch.addcdiv(zero, m, den, value=dlr, out=delta)
             new_state["m"] = m.div_(d_new) if quantized else m
         else:
-            torch.mul(g, dlr * d_new, out=delta)
-        delta = delta.div_(den)
+            delta = torch.addcdiv(zero, g, den, value=dlr * d_new, out=delta)
         if group["weight_decay"] != 0 and group["decouple"]:
             # the reference decays first and steps second, rounding twice:
             # p2 = (p - wd dlr p) - step. delta = p - p2 makes the engine's p - delta exactly p2
