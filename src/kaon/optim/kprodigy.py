@@ -127,7 +127,7 @@ class KProdigy(KaonOptimizer):
     Bytes per parameter: ``8 / slice_p`` (``s``, ``p0``) + second moment 4 (full) or
     ``4 (R + C) / (R C)`` (factored) + momentum 4 / 2 / ``1 + 4/C`` / ``0.5 + 4/block``
     (float32 / bfloat16 / int8 / 4bit, 0 with beta1 = 0). Factored + 4bit + ``slice_p=11``:
-    about 1.27; factored + int8 + ``slice_p=11``: about 1.73; defaults on fp32: 16.
+    about 1.27; factored + int8 + ``slice_p=11``: about 1.74; defaults on fp32: 16.
 
     Not a per-parameter (gradient-release) optimizer: D needs a reduction over every parameter
     before any update, so :meth:`step_param` raises.
