@@ -22,6 +22,8 @@ class Entry:
     # (arguments, expected error type, substring the message must contain)
     bad_args: list[tuple[dict[str, Any], type, str]] = field(default_factory=list)
     supports_bf16: bool = True
+    # False for optimizers that need every gradient before any update (no step_param)
+    per_parameter: bool = True
 
     def make(self, params, **overrides):
         return self.cls(params, **{**self.kwargs, **overrides})
@@ -74,6 +76,25 @@ LION_BAD_ARGS = [
     (dict(foreach_batch_cutoff=0), ValueError, "foreach_batch_cutoff"),
 ]
 
+KPRODIGY_BAD_ARGS = [
+    (dict(lr=-1.0), ValueError, "lr"),
+    (dict(betas=(0.9, 1.0)), ValueError, "betas[1]"),
+    (dict(beta3=1.5), ValueError, "beta3"),
+    (dict(eps=0.0), ValueError, "eps"),
+    (dict(weight_decay=-0.1), ValueError, "weight_decay"),
+    (dict(d0=0.0), ValueError, "d0"),
+    (dict(d_coef=-1.0), ValueError, "d_coef"),
+    (dict(growth_rate=0.0), ValueError, "growth_rate"),
+    (dict(d_update_freq=0), ValueError, "d_update_freq"),
+    (dict(slice_p=0), ValueError, "slice_p"),
+    (dict(slice_p=2.0), TypeError, "slice_p"),
+    (dict(momentum_dtype="fp8"), ValueError, "momentum_dtype"),
+    (dict(second_moment="diagonal"), ValueError, "second_moment"),
+    (dict(decouple="yes"), TypeError, "decouple"),
+    (dict(bf16_method="truncate"), ValueError, "bf16_method"),
+    (dict(foreach_batch_cutoff=0), ValueError, "foreach_batch_cutoff"),
+]
+
 OPTIMIZERS += [
     Entry("Lion", kaon.Lion, {}, train_lr=3e-3, bad_args=LION_BAD_ARGS),
     Entry("Lion-float32-plain", kaon.Lion,
@@ -111,4 +132,16 @@ OPTIMIZERS += [
           train_lr=2e-2),
     Entry("AdaMuon-nomomentum-plain", kaon.AdaMuon,
           {"betas": (0.0, 0.999), "cautious": False, "ns_steps": 3}, train_lr=2e-2),
+    Entry("KProdigy", kaon.KProdigy, {}, train_lr=1.0, bad_args=KPRODIGY_BAD_ARGS,
+          per_parameter=False),
+    Entry("KProdigy-memory", kaon.KProdigy,
+          {"second_moment": "factored", "momentum_dtype": "int8", "slice_p": 3,
+           "cautious": True, "gradient_centralization": True}, train_lr=1.0, per_parameter=False),
+    Entry("KProdigy-4bit-kahan", kaon.KProdigy,
+          {"second_moment": "factored", "momentum_dtype": "4bit", "momentum_4bit_block": 64,
+           "slice_p": 11, "bf16_method": "kahan"}, train_lr=1.0, per_parameter=False),
+    Entry("KProdigy-options", kaon.KProdigy,
+          {"betas": (0.0, 0.99), "weight_decay": 0.01,
+           "safeguard_warmup": True, "d_update_freq": 2, "d0": 1e-5},
+          train_lr=1.0, per_parameter=False),
 ]

@@ -322,6 +322,17 @@ def test_state_is_loadable_with_weights_only(entry: Entry):
 # ------------------------------------------------------------------------- execution paths
 @pytest.mark.parametrize("entry", OPTIMIZERS, ids=repr)
 def test_per_parameter_entry_equals_step(entry: Entry):
+    if not entry.per_parameter:  # then it must refuse clearly, before changing anything
+        model = make_model()
+        opt = entry.make(model.parameters(), lr=entry.train_lr)
+        set_grads(model, 0)
+        group = opt.param_groups[0]
+        with pytest.raises(RuntimeError, match="step_param"):
+            opt.step_param(group["params"][0], group)
+        with pytest.raises(RuntimeError, match="step_param"):
+            opt.step_parameter(group["params"][0], group, 0)
+        assert not opt.state
+        return
     model_a, model_b = make_model(), make_model()
     opt_a = entry.make(model_a.parameters(), lr=entry.train_lr)
     opt_b = entry.make(model_b.parameters(), lr=entry.train_lr)

@@ -2,7 +2,8 @@
 
 from kaon._version import __version__
 from kaon.engine import Batch, Slot
-from kaon.optim import Adakaon, AdaMuon, Lion
+from kaon.optim import Adakaon, AdaMuon, KProdigy, Lion
 from kaon.optimizer import KaonOptimizer
 
-__all__ = ["AdaMuon", "Adakaon", "Batch", "KaonOptimizer", "Lion", "Slot", "__version__"]
+__all__ = ["AdaMuon", "Adakaon", "Batch", "KProdigy", "KaonOptimizer", "Lion", "Slot",
+           "__version__"]

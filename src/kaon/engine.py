@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import operator
 from collections import OrderedDict
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -45,11 +46,16 @@ _CPU_BUDGET = 1_048_576
 
 @dataclass(frozen=True)
 class Slot:
-    """One state slot of a parameter: stored under ``name`` (+ codec suffixes)."""
+    """One state slot of a parameter: stored under ``name`` (+ codec suffixes).
+
+    ``init`` (optional) gives the slot's initial fp32 value from the parameter, shaped
+    ``shape`` (e.g. a copy of the initial weights); without it the slot starts at zero.
+    """
 
     name: str
     codec: Codec
     shape: tuple[int, ...]
+    init: Callable[[Tensor], Tensor] | None = field(default=None, compare=False)
 
     @property
     def signature(self) -> tuple:
@@ -69,19 +75,26 @@ class Batch:
     it may update them in place (on the per-parameter fp32 path that writes the stored state
     directly, saving a copy; the engine hands out copies whenever it still needs the old
     values). The rule returns ``(delta, new_state)``; the engine applies ``p <- p - delta``.
+
+    ``finite`` is ``None`` when every gradient of the chunk is finite (or the policy is not
+    ``"skip"``), else a bool ``[N]`` tensor: the engine masks the step and the state of the
+    tensors flagged false itself; a statistics rule (see :func:`run_group`) uses it to keep
+    their contribution out of its statistics.
     """
 
-    __slots__ = ("grad", "state", "group", "params", "view", "slots", "_param", "_workspace",
-                 "_same_shape")
+    __slots__ = ("grad", "state", "group", "params", "view", "slots", "finite", "_param",
+                 "_workspace", "_same_shape")
 
     def __init__(self, grad, state, group, params, view, workspace=None,
-                 same_shape: bool | None = None, slots: dict[str, Slot] | None = None) -> None:
+                 same_shape: bool | None = None, slots: dict[str, Slot] | None = None,
+                 finite: Tensor | None = None) -> None:
         self.grad: Tensor = grad
         self.state: dict[str, Tensor] = state
         self.group: dict[str, Any] = group
         self.params: list[Tensor] = params
         self.view: tuple[int, ...] = view
         self.slots: dict[str, Slot] = slots or {}
+        self.finite: Tensor | None = finite
         self._param: Tensor | None = None
         self._workspace: Workspace | None = workspace
         if same_shape is None:
@@ -235,7 +248,13 @@ def _ensure_state(opt: KaonOptimizer, p: Tensor, slots: tuple[Slot, ...]) -> Non
     state = opt.state[p]
     if not any(isinstance(v, Tensor) for v in state.values()):
         for slot in slots:
-            for suffix, tensor in slot.codec.init(slot.shape, p.device).items():
+            if slot.init is None:
+                stored = slot.codec.init(slot.shape, p.device)
+            else:
+                value = slot.init(p.detach()).to(torch.float32).reshape(slot.shape).clone()
+                stored = slot.codec.encode(value.unsqueeze(0))
+                stored = {suffix: tensor[0].clone() for suffix, tensor in stored.items()}
+            for suffix, tensor in stored.items():
                 state[slot.name + suffix] = tensor
         return
     wanted = {key for slot in slots for key in slot.state_keys()}
@@ -285,11 +304,25 @@ def _plan_key(opt: KaonOptimizer, group: dict, params: list[Tensor]) -> tuple:
             opt.foreach_stack_budget)
 
 
-def run_group(opt: KaonOptimizer, group: dict, params: list[Tensor]) -> None:
-    """Run the optimizer's rule over ``params`` (all with gradients) of ``group``."""
+Statistics = Callable[["Batch"], tuple[Tensor, dict[str, Tensor]]]
+
+
+def run_group(opt: KaonOptimizer, group: dict, params: list[Tensor], *,
+              statistics: Statistics | None = None,
+              reads: Collection[str] = ()) -> list[tuple[list[Tensor], Tensor]]:
+    """Run the optimizer's rule over ``params`` (all with gradients) of ``group``.
+
+    With ``statistics`` (a *statistics pass*, for optimizers that need a reduction over all
+    parameters before any update, e.g. KProdigy's D estimate), each chunk runs
+    ``statistics(batch) -> (stats, new_state)`` instead of ``opt.update``: only the slots named
+    in ``reads`` are decoded, no parameter is written, only the slots in ``new_state`` are
+    stored (kept unchanged for tensors with a non-finite gradient), and the per-tensor ``stats``
+    (``[N, ...]``) are returned as ``(chunk parameters, stats)`` pairs, in chunk order. The
+    chunks are those of the update pass (same plan). Without it the return value is ``[]``.
+    """
     params = [p for p in params if p.numel() > 0]  # nothing to update in an empty tensor
     if not params:
-        return
+        return []
     # one-parameter plans (step_param from a backward hook) are kept per parameter; plans of
     # several parameters are few, so an LRU of a handful suffices
     single = len(params) == 1
@@ -303,8 +336,12 @@ def run_group(opt: KaonOptimizer, group: dict, params: list[Tensor]) -> None:
             cache.popitem(last=False)
     else:
         cache.move_to_end(key)
+    if statistics is not None:
+        return [(chunk.params, _run_chunk(opt, group, chunk, statistics, reads))
+                for chunk in chunks]
     for chunk in chunks:
         _run_chunk(opt, group, chunk)
+    return []
 
 
 def gather(workspace: Workspace, name: str, tensors: list[Tensor], view: tuple[int, ...],
@@ -348,14 +385,17 @@ def _keep_where(finite: Tensor | None, new: Tensor, old: Tensor) -> Tensor:
     return torch.where(finite.view(-1, *([1] * (new.ndim - 1))), new, old)
 
 
-def _run_chunk(opt: KaonOptimizer, group: dict, chunk: _Chunk) -> None:
+def _run_chunk(opt: KaonOptimizer, group: dict, chunk: _Chunk,
+               statistics: Statistics | None = None, reads: Collection[str] = ()) -> Tensor | None:
     params, view, slots = chunk.params, chunk.view, chunk.slots
+    if statistics is not None:
+        slots = tuple(slot for slot in slots if slot.name in reads)
     states = [opt.state[p] for p in params]
     grad = _gather_grads(opt, chunk)
     if group.get("maximize", False):
         grad = -grad
     if len(params) == 1:
-        stored = {key: states[0][key].unsqueeze(0) for key in chunk.state_keys()}
+        stored = {key: states[0][key].unsqueeze(0) for slot in slots for key in slot.state_keys()}
     else:
         stored = _packed_state(opt, chunk, states)
 
@@ -378,7 +418,15 @@ def _run_chunk(opt: KaonOptimizer, group: dict, chunk: _Chunk) -> None:
             value = value.clone()  # the rule may write in place; masking needs the old values
         decoded[slot.name] = value
     batch = Batch(grad, decoded, group, params, view, opt._workspace, chunk.same_shape,
-                  {slot.name: slot for slot in slots})
+                  {slot.name: slot for slot in slots}, finite)
+    if statistics is not None:
+        stats, new_state = statistics(batch)
+        for slot in slots:
+            if slot.name in new_state:
+                for suffix, tensor in slot.codec.encode(new_state[slot.name]).items():
+                    key = slot.name + suffix
+                    _store(_keep_where(finite, tensor, stored[key]), stored[key])
+        return stats
     delta, new_state = opt.update(batch)
     if finite is not None:
         delta = torch.where(finite.view(-1, *([1] * len(view))), delta, 0.0)

@@ -2,6 +2,7 @@
 
 from kaon.optim.adakaon import Adakaon
 from kaon.optim.adamuon import AdaMuon
+from kaon.optim.kprodigy import KProdigy
 from kaon.optim.lion import Lion
 
-__all__ = ["AdaMuon", "Adakaon", "Lion"]
+__all__ = ["AdaMuon", "Adakaon", "KProdigy", "Lion"]

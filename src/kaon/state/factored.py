@@ -25,15 +25,22 @@ def matrix_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def update_moments(
-    row: Tensor, col: Tensor, grad_squared: Tensor, beta2: float, eps1: float
+    row: Tensor, col: Tensor, grad_squared: Tensor, beta2: float, eps1: float,
+    scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """EMA, in place, of the row and column means of ``grad**2 + eps1``.
+    """EMA, in place, of the row and column means of ``scale * grad**2 + eps1``.
 
     ``grad_squared`` is ``grad**2`` ``[N, R, C]``; ``eps1`` is added to the means (the same as
-    adding it to every element first).
+    adding it to every element first). ``scale`` multiplies the means (not the full tensor),
+    e.g. KProdigy's ``d**2``.
     """
-    row_mean = ops.mean(grad_squared, dim=-1).add_(eps1)
-    col_mean = ops.mean(grad_squared, dim=-2).add_(eps1)
+    row_mean = ops.mean(grad_squared, dim=-1)
+    col_mean = ops.mean(grad_squared, dim=-2)
+    if scale != 1.0:
+        row_mean.mul_(scale)
+        col_mean.mul_(scale)
+    row_mean.add_(eps1)
+    col_mean.add_(eps1)
     return row.lerp_(row_mean, 1.0 - beta2), col.lerp_(col_mean, 1.0 - beta2)
 
 
