@@ -303,6 +303,9 @@ def run_group(opt: KaonOptimizer, group: dict, params: list[Tensor]) -> None:
             cache.popitem(last=False)
     else:
         cache.move_to_end(key)
+    # the state exists and matches the layout now: an optimizer may run a fused kernel instead
+    if opt.fused_step(group, params):
+        return
     for chunk in chunks:
         _run_chunk(opt, group, chunk)
 
