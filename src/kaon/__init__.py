@@ -2,7 +2,11 @@
 
 from kaon._version import __version__
 from kaon.engine import Batch, Slot
-from kaon.optim import Adakaon
+from kaon.grouping import build_optimizer, create_optimizer, describe_groups
+from kaon.optim import Adakaon, AdamW, Muon
 from kaon.optimizer import KaonOptimizer
 
-__all__ = ["Adakaon", "Batch", "KaonOptimizer", "Slot", "__version__"]
+__all__ = [
+    "Adakaon", "AdamW", "Batch", "KaonOptimizer", "Muon", "Slot", "__version__",
+    "build_optimizer", "create_optimizer", "describe_groups",
+]
