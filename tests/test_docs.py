@@ -29,3 +29,35 @@ def test_adakaon_page_documents_every_state_key_and_argument():
     for name in inspect.signature(kaon.Adakaon).parameters:
         if name != "params":
             assert f"`{name}`" in text, name
+
+
+def _run_examples(page: str) -> dict:
+    text = (DOCS / page).read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks, f"docs/{page} lost its example"
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, f"docs/{page}", "exec"), namespace)
+    return namespace
+
+
+def test_adamw_muon_and_grouping_pages_run_and_document_every_argument():
+    import inspect
+
+    import kaon
+
+    for page, cls, keys in (
+        ("adamw.md", kaon.AdamW, ("`step`", "`exp_avg`", "`exp_avg_sq`", "`max_exp_avg_sq`",
+                                  "`shift`", "`_offset`")),
+        ("muon.md", kaon.Muon, ("`momentum_buffer`", "`momentum_buffer_scale`", "`step`",
+                                "`exp_avg_sq`", "`base_lr`", "`shift`")),
+    ):
+        text = (DOCS / page).read_text()
+        for key in keys:
+            assert key in text, (page, key)
+        for name in inspect.signature(cls).parameters:
+            if name != "params":
+                assert f"`{name}`" in text, (page, name)
+        _run_examples(page)
+    namespace = _run_examples("grouping.md")
+    assert isinstance(namespace["opt"], kaon.AdamW) and isinstance(namespace["opt2"], kaon.Muon)
