@@ -145,3 +145,57 @@ OPTIMIZERS += [
            "safeguard_warmup": True, "d_update_freq": 2, "d0": 1e-5},
           train_lr=1.0, per_parameter=False),
 ]
+
+ADAMW_BAD_ARGS = [
+    (dict(lr=-1e-3), ValueError, "lr"),
+    (dict(betas=(0.9, 1.0)), ValueError, "betas[1]"),
+    (dict(betas=0.9), TypeError, "betas"),
+    (dict(eps=-1e-8), ValueError, "eps"),
+    (dict(weight_decay=-0.1), ValueError, "weight_decay"),
+    (dict(amsgrad="yes"), TypeError, "amsgrad"),
+    (dict(state_dtype="fp8"), ValueError, "state_dtype"),
+    (dict(state_dtype=("int8", "fp8")), ValueError, "state_dtype[1]"),
+    (dict(state_dtype=8), TypeError, "state_dtype"),
+    (dict(fused="auto"), TypeError, "fused"),
+    (dict(bf16_method="truncate"), ValueError, "bf16_method"),
+    (dict(capturable=True), ValueError, "capturable"),
+    (dict(foreach="yes"), TypeError, "foreach"),
+    (dict(nonfinite_grad="ignore"), ValueError, "nonfinite_grad"),
+]
+
+MUON_BAD_ARGS = [
+    (dict(lr=-0.02), ValueError, "lr"),
+    (dict(momentum=1.0), ValueError, "momentum"),
+    (dict(nesterov=1), TypeError, "nesterov"),
+    (dict(ns_steps=0), ValueError, "ns_steps"),
+    (dict(ns_coefficients=(3.4, -4.7)), TypeError, "ns_coefficients"),
+    (dict(adjust_lr_fn="sqrt"), ValueError, "adjust_lr_fn"),
+    (dict(ns_dtype="float16"), ValueError, "ns_dtype"),
+    (dict(momentum_dtype="fp8"), ValueError, "momentum_dtype"),
+    (dict(adam_lr=-1.0), ValueError, "adam_lr"),
+    (dict(adam_betas=(0.9, 1.5)), ValueError, "adam_betas[1]"),
+    (dict(adam_state_dtype="fp8"), ValueError, "adam_state_dtype"),
+    (dict(muon="yes"), TypeError, "muon"),
+    (dict(weight_decay=-1.0), ValueError, "weight_decay"),
+]
+
+OPTIMIZERS += [
+    # weight_decay=0 in the entries: torch's AdamW (and kaon's) decays weights even at a zero
+    # gradient, which the suite's "zero gradients change nothing" contract excludes; the
+    # per-group test sets a decay explicitly
+    Entry("AdamW", kaon.AdamW, {"weight_decay": 0.0}, bad_args=ADAMW_BAD_ARGS),
+    Entry("AdamW-engine", kaon.AdamW, {"fused": False, "weight_decay": 0.0}),
+    Entry("AdamW-bfloat16", kaon.AdamW, {"state_dtype": "bfloat16", "weight_decay": 0.0}),
+    Entry("AdamW-int8", kaon.AdamW, {"state_dtype": "int8", "weight_decay": 0.0}),
+    Entry("AdamW-4bit", kaon.AdamW, {"state_dtype": "4bit", "weight_decay": 0.0}),
+    Entry("AdamW-amsgrad-kahan", kaon.AdamW,
+          {"amsgrad": True, "bf16_method": "kahan", "state_dtype": ("bfloat16", "log8"),
+           "weight_decay": 0.0}),
+    Entry("Muon", kaon.Muon, {}, train_lr=0.05, bad_args=MUON_BAD_ARGS),
+    Entry("Muon-float32-plain", kaon.Muon,
+          {"momentum_dtype": "float32", "nesterov": False, "ns_dtype": "float32",
+           "adam_lr": None}, train_lr=0.05),
+    Entry("Muon-int8-rms", kaon.Muon,
+          {"momentum_dtype": "int8", "adjust_lr_fn": "match_rms_adamw",
+           "adam_state_dtype": "int8"}, train_lr=0.02),
+]

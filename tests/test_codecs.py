@@ -11,12 +11,14 @@ from kaon.state.codecs import (
     FloatCodec,
     FourBitCodec,
     Int8Codec,
+    LogSpace4BitCodec,
     LogSpace8BitCodec,
     momentum_codec,
 )
 
 CODECS = [FloatCodec(torch.float32), FloatCodec(torch.bfloat16), Int8Codec(), FourBitCodec(128),
-          FourBitCodec(64), FourBitCodec(0), LogSpace8BitCodec(256), LogSpace8BitCodec(128)]
+          FourBitCodec(64), FourBitCodec(0), LogSpace8BitCodec(256), LogSpace8BitCodec(128),
+          LogSpace4BitCodec(256), LogSpace4BitCodec(64)]
 SHAPES = [(1,), (7,), (129,), (300,), (5, 3), (16, 40), (33, 17), (4, 27)]
 
 
@@ -107,6 +109,25 @@ def test_log8_relative_error_depends_on_block_range_and_zero_is_exact():
     narrow = torch.linspace(1.0, 2.0, 256).unsqueeze(0)
     rel = (codec.decode(codec.encode(narrow.clone()), (256,)) / narrow - 1).abs().max()
     assert rel < 2 ** (1 / 254 / 2) - 1 + 1e-6
+
+
+def test_log4_relative_error_packing_and_zero_is_exact():
+    codec = LogSpace4BitCodec(256)
+    exponents = torch.linspace(-20, 0, 255)  # odd length: one padding nibble
+    x = torch.exp2(exponents).unsqueeze(0).clone()
+    x[0, 10] = 0.0
+    stored = codec.encode(x.clone())
+    assert stored[""].dtype == torch.uint8 and stored[""].shape == (1, 128)
+    decoded = codec.decode(stored, (255,))
+    assert decoded[0, 10] == 0.0
+    nonzero = x[0] > 0
+    assert (decoded[0, nonzero] > 0).all()  # a small non-zero value never becomes zero
+    relative = (decoded[0, nonzero] / x[0, nonzero] - 1).abs()
+    bound = 2 ** (20 / 14 / 2) - 1  # half a log2 step over a 2^20 range
+    assert relative.max() <= bound * 1.01
+    # nibble order: element 0 low, element 1 high
+    codes = torch.stack((stored[""][0] & 0x0F, stored[""][0] >> 4), dim=-1).flatten()
+    assert codes[0] == 1 and codes[254] == 15 and codes[10] == 0 and codes[255] == 0
 
 
 def test_momentum_codec_dispatch_and_errors():

@@ -68,3 +68,25 @@ def test_adamuon_page_runs_and_documents_every_argument_and_key():
     assert sorted(state) == ["col", "m", "m_scale", "row"]
     _documents_every_argument_and_key(
         "adamuon.md", kaon.AdaMuon, ("row", "col", "v", "m", "m_scale", "shift"))
+
+
+def test_adamw_muon_and_grouping_pages_run_and_document_every_argument():
+    import inspect
+
+    import kaon
+
+    for page, cls, keys in (
+        ("adamw.md", kaon.AdamW, ("`step`", "`exp_avg`", "`exp_avg_sq`", "`max_exp_avg_sq`",
+                                  "`shift`", "`_offset`")),
+        ("muon.md", kaon.Muon, ("`momentum_buffer`", "`momentum_buffer_scale`", "`step`",
+                                "`exp_avg_sq`", "`base_lr`", "`shift`")),
+    ):
+        text = (DOCS / page).read_text()
+        for key in keys:
+            assert key in text, (page, key)
+        for name in inspect.signature(cls).parameters:
+            if name != "params":
+                assert f"`{name}`" in text, (page, name)
+        _run_blocks(page)
+    namespace = _run_blocks("grouping.md")
+    assert isinstance(namespace["opt"], kaon.AdamW) and isinstance(namespace["opt2"], kaon.Muon)

@@ -70,7 +70,9 @@ def test_create_applies_arguments_to_param_groups():
 def test_registry_lookup_and_unknown_names():
     assert registry.get("Adakaon") is kaon.Adakaon
     assert registry.get(" kaon.adakaon ") is kaon.Adakaon
-    assert registry.get("adamw") is torch.optim.AdamW
+    assert registry.get("adamw") is kaon.AdamW and registry.get("kaon.Muon") is kaon.Muon
+    assert registry.get("torch.optim.AdamW") is torch.optim.AdamW  # torch's, by its path
+    assert registry.get("torch.optim.SGD") is torch.optim.SGD
     with pytest.raises(ValueError, match="unknown optimizer 'Nope'.*Adakaon, AdamW"):
         registry.get("Nope")
     with pytest.raises(ValueError, match="known optimizers"):
@@ -248,7 +250,7 @@ def test_cli_version_help_and_list(capsys):
     assert cli.main([]) == 0
     assert cli.main(["list"]) == 0
     listed = capsys.readouterr().out
-    assert "Adakaon" in listed and "torch.optim.adamw.AdamW" in listed
+    assert "Adakaon" in listed and "kaon.optim.adamw.AdamW" in listed and "Muon" in listed
     assert cli.main(["bench", "--steps", "0"]) == 2
     assert cli.main(["bench", "--lora-rank", "4"]) == 2  # only with a safetensors suite
     assert "safetensors suites only" in capsys.readouterr().err

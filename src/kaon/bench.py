@@ -404,8 +404,8 @@ def run_suite(suite: str, shapes: Sequence[Shape], configs: Sequence[Config], *,
 def baseline_configs() -> list[Config]:
     """``torch.optim.AdamW`` with ``foreach=True`` (the ratio baseline) and ``fused=True``."""
     return [
-        Config(BASELINE, "AdamW", {"lr": LR, "foreach": True}),
-        Config(FUSED, "AdamW", {"lr": LR, "fused": True}, optional=True),
+        Config(BASELINE, "torch.optim.AdamW", {"lr": LR, "foreach": True}),
+        Config(FUSED, "torch.optim.AdamW", {"lr": LR, "fused": True}, optional=True),
     ]
 
 

@@ -339,6 +339,9 @@ def run_group(opt: KaonOptimizer, group: dict, params: list[Tensor], *,
     if statistics is not None:
         return [(chunk.params, _run_chunk(opt, group, chunk, statistics, reads))
                 for chunk in chunks]
+    # the state exists and matches the layout now: an optimizer may run a fused kernel instead
+    if opt.fused_step(group, params):
+        return []
     for chunk in chunks:
         _run_chunk(opt, group, chunk)
     return []

@@ -141,18 +141,23 @@ def newton_schulz(
     norm = sum_squares(flat.float(), dim=-1).sqrt_().clamp_min_(eps)
     x = (matrix.float() / norm.view(-1, 1, 1)).to(dtype)
     tall = matrix.shape[-2] > matrix.shape[-1]
-    if tall:
-        x = x.mT
-    if x.device.type == "cpu" and dtype != torch.float32 and x.shape[0] > 1:
-        # CPU low-precision batched matmuls are not batch-independent (their blocking depends on
-        # the batch size and changes the rounding), so each slice runs as its own batch of one:
-        # the same calls the per-parameter path makes, hence bit-identical results
-        x = torch.cat([_quintic(x[i : i + 1], steps, coefficients) for i in range(x.shape[0])])
+    if x.device.type == "cpu" and x.shape[0] > 1:
+        # CPU batched matmuls (bf16 and fp32 alike) are not batch-independent: their blocking
+        # depends on the batch size, and their kernels on the data's alignment, and both change
+        # the rounding. Each slice runs alone from a fresh copy, exactly as the per-parameter
+        # path runs its single matrix, hence bit-identical results.
+        x = torch.cat([_orthogonalize(x[i : i + 1].clone(), tall, steps, coefficients)
+                       for i in range(x.shape[0])])
     else:
-        x = _quintic(x, steps, coefficients)
-    if tall:
-        x = x.mT
+        x = _orthogonalize(x, tall, steps, coefficients)
     return x.float().contiguous()
+
+
+def _orthogonalize(x: Tensor, tall: bool, steps: int,
+                   coefficients: tuple[float, float, float]) -> Tensor:
+    if tall:
+        return _quintic(x.mT, steps, coefficients).mT
+    return _quintic(x, steps, coefficients)
 
 
 def _quintic(x: Tensor, steps: int, coefficients: tuple[float, float, float]) -> Tensor:

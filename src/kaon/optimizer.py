@@ -112,6 +112,18 @@ class KaonOptimizer(torch.optim.Optimizer):
         """The update rule: return ``(delta, new_state)`` for a batch; see :class:`Batch`."""
         raise NotImplementedError
 
+    def fused_step(self, group: dict[str, Any], params: list[Tensor]) -> bool:
+        """Optionally run ``params`` (all with gradients, state created and checked) of
+        ``group`` with a fused kernel instead of the update rule; return whether it did.
+
+        The engine calls this after planning, so the state exists with the layout that
+        ``state_slots`` describes. A fused path must compute the same rule on the same state
+        tensors (the conformance suite checks resume and batching either way) and must return
+        False whenever it cannot honour a setting exactly (e.g. a non-finite gradient under
+        ``nonfinite_grad="skip"``); the rule then runs. Default: never.
+        """
+        return False
+
     # ------------------------------------------------------------------------ torch contract
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its hyperparameters are validated before anything is stored."""

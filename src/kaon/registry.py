@@ -2,8 +2,10 @@
 
 Trainers pass optimizers as text (``--optimizer_type kaon.Adakaon`` with
 ``--optimizer_args "momentum_dtype=int8" "betas=(0.9,0.999)"``); this module turns such text into
-an optimizer. ``AdamW`` (``torch.optim.AdamW``) is registered as the baseline the benchmarks
-compare against.
+an optimizer. Registered names are kaon's optimizers (``"AdamW"`` is :class:`kaon.AdamW`);
+``"torch.optim.NAME"`` names a torch optimizer (the benchmarks' baseline is
+``"torch.optim.AdamW"``) and any other dotted ``"package.module.Class"`` is imported, as kohya's
+``--optimizer_type`` does.
 
 Example::
 
@@ -15,21 +17,24 @@ Example::
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-import kaon
+import kaon.optim
 
 __all__ = ["OPTIMIZERS", "register", "get", "parse_kwargs", "create"]
 
 #: registered name -> optimizer class; look names up with :func:`get` (case-insensitive)
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {}
 
-_PREFIXES = ("kaon.optim.", "kaon.", "torch.optim.")
+_PREFIXES = ("kaon.optim.", "kaon.")
 _BARE_WORD = re.compile(r"^[A-Za-z0-9_][\w.\-]*$")
+_NEXT_ARGUMENT = re.compile(r"\s+[A-Za-z_]\w*\s*=")
+_BOOLEANS = {"true": True, "false": False}
 _OPENERS, _CLOSERS = "([{", ")]}"
 
 
@@ -64,8 +69,28 @@ def get(name: str) -> type[torch.optim.Optimizer]:
     for key, cls in OPTIMIZERS.items():
         if _normalize(key) == wanted:
             return cls
+    imported = _import_class(name.strip())
+    if imported is not None:
+        return imported
     known = ", ".join(sorted(OPTIMIZERS))
-    raise ValueError(f"unknown optimizer {name!r}; known optimizers: {known}")
+    raise ValueError(
+        f"unknown optimizer {name!r}; known optimizers: {known} (or torch.optim.NAME, or a "
+        "dotted package.module.Class path)"
+    )
+
+
+def _import_class(path: str) -> type[torch.optim.Optimizer] | None:
+    """``torch.optim.NAME`` or ``package.module.Class`` as an optimizer class, else None."""
+    module_name, dot, attribute = path.rpartition(".")
+    if not dot or not module_name or path.lower().startswith("kaon."):
+        return None  # kaon's own names are registered
+    try:
+        cls = getattr(importlib.import_module(module_name), attribute, None)
+    except ImportError:
+        return None
+    if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer):
+        return cls
+    return None
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -74,7 +99,7 @@ def _split_top_level(text: str) -> list[str]:
     current: list[str] = []
     stack: list[str] = []
     quote = ""
-    for char in text:
+    for index, char in enumerate(text):
         if quote:
             if char == quote:
                 quote = ""
@@ -90,6 +115,11 @@ def _split_top_level(text: str) -> list[str]:
             pieces.append("".join(current))
             current = []
             continue
+        elif char.isspace() and not stack and "=" in "".join(current) and _NEXT_ARGUMENT.match(
+                text, index):
+            pieces.append("".join(current))  # "a=1 b=2": a space before the next name= splits
+            current = []
+            continue
         current.append(char)
     if stack or quote:
         piece, missing = "".join(current).strip(), quote or stack[-1]
@@ -98,13 +128,34 @@ def _split_top_level(text: str) -> list[str]:
     return [p.strip() for p in pieces if p.strip()]
 
 
-def parse_kwargs(text: str | Iterable[str]) -> dict[str, Any]:
-    """Parse ``"lr=1e-3,betas=(0.9,0.999),momentum_dtype=int8"`` into keyword arguments.
+def _parse_value(piece: str, value: str) -> Any:
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        pass
+    if value.lower() in _BOOLEANS:
+        return _BOOLEANS[value.lower()]
+    if "|" in value and not any(c in value for c in _OPENERS + "'\""):
+        return tuple(_parse_value(piece, part.strip()) for part in value.split("|"))
+    if not _BARE_WORD.match(value):
+        raise ValueError(
+            f"optimizer argument {piece!r}: {value!r} is neither a Python literal nor a "
+            "bare word"
+        )
+    return value
 
-    Commas inside brackets or quotes do not split. Each value is a Python literal
-    (``ast.literal_eval``); a bare word (``int8``, ``4bit``, ``bfloat16``) that is not a literal
-    is taken as a string. A list of ``k=v`` strings (kohya's ``--optimizer_args`` form) is
-    accepted too. An empty string gives ``{}``.
+
+def parse_kwargs(text: str | Iterable[str]) -> dict[str, Any]:
+    """Parse an argument string into keyword arguments.
+
+    Both trainer forms work: ``"lr=1e-3,betas=(0.9,0.999),momentum_dtype=int8"`` (commas) and
+    ``"betas=(0.9,0.99) weight_decay=0.01"`` (spaces before the next ``name=``); commas and
+    spaces inside brackets or quotes do not split. Each value is a Python literal
+    (``ast.literal_eval``: ``True`` / ``False`` are booleans, never the string ``"False"``);
+    ``true`` / ``false`` in any case are booleans too; ``0.9|0.99`` is the tuple ``(0.9, 0.99)``;
+    a bare word (``int8``, ``4bit``, ``bfloat16``) that is not a literal is taken as a string.
+    A list of ``k=v`` strings (kohya's ``--optimizer_args`` form) is accepted too. An empty
+    string gives ``{}``.
 
     Raises ``ValueError`` naming the offending piece when a piece is not ``name=value``, a name
     repeats, or a value is neither a literal nor a bare word.
@@ -121,15 +172,7 @@ def parse_kwargs(text: str | Iterable[str]) -> dict[str, Any]:
             raise ValueError(f"optimizer argument {piece!r} is not of the form name=value")
         if key in kwargs:
             raise ValueError(f"optimizer argument {piece!r}: {key!r} is given twice")
-        try:
-            kwargs[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            if not _BARE_WORD.match(value):
-                raise ValueError(
-                    f"optimizer argument {piece!r}: {value!r} is neither a Python literal nor a "
-                    "bare word"
-                ) from None
-            kwargs[key] = value
+        kwargs[key] = _parse_value(piece, value)
     return kwargs
 
 
@@ -145,8 +188,9 @@ def create(
     return get(name)(params, **kwargs)
 
 
-register("Adakaon", kaon.Adakaon)
-register("AdamW", torch.optim.AdamW)
-register("Lion", kaon.Lion)
-register("AdaMuon", kaon.AdaMuon)
-register("KProdigy", kaon.KProdigy)
+register("Adakaon", kaon.optim.Adakaon)
+register("AdamW", kaon.optim.AdamW)
+register("Muon", kaon.optim.Muon)
+register("Lion", kaon.optim.Lion)
+register("AdaMuon", kaon.optim.AdaMuon)
+register("KProdigy", kaon.optim.KProdigy)

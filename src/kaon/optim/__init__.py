@@ -2,7 +2,9 @@
 
 from kaon.optim.adakaon import Adakaon
 from kaon.optim.adamuon import AdaMuon
+from kaon.optim.adamw import AdamW
 from kaon.optim.kprodigy import KProdigy
 from kaon.optim.lion import Lion
+from kaon.optim.muon import Muon
 
-__all__ = ["AdaMuon", "Adakaon", "KProdigy", "Lion"]
+__all__ = ["AdaMuon", "Adakaon", "AdamW", "KProdigy", "Lion", "Muon"]

@@ -6,6 +6,7 @@ from kaon.state.codecs import (
     FloatCodec,
     FourBitCodec,
     Int8Codec,
+    LogSpace4BitCodec,
     LogSpace8BitCodec,
     momentum_codec,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "FloatCodec",
     "FourBitCodec",
     "Int8Codec",
+    "LogSpace4BitCodec",
     "LogSpace8BitCodec",
     "momentum_codec",
 ]
