@@ -446,3 +446,17 @@ def test_bytes_per_param():
             p.grad = torch.ones_like(p)
         opt.step()
         assert expected <= opt.bytes_per_param() < expected + 0.01, (kwargs, opt.bytes_per_param())
+
+
+def test_docs_page_runs_and_documents_every_argument_and_state_key():
+    import inspect
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "oadamw.md").read_text()
+    for block in re.findall(r"```python\n(.*?)```", text, re.S):
+        exec(compile(block, "docs/oadamw.md", "exec"), {})
+    for name in inspect.signature(kaon.OAdamW).parameters:
+        assert f"`{name}`" in text, name
+    for key in ("exp_avg", "exp_avg_sq", "step", "shift", "ns_factor", "ns_factor_age"):
+        assert f"`{key}`" in text, key

@@ -273,3 +273,21 @@ def test_state_keys_dtypes_and_bytes_per_param():
         opt.eval()  # plus one copy of the training weights
         size = params[0].element_size()
         assert expected + size <= opt.bytes_per_param() < expected + size + 0.01
+
+
+def test_docs_page_runs_and_documents_every_argument_and_state_key():
+    import inspect
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "schedulefree_adamw.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    for block in blocks:
+        namespace: dict = {}
+        exec(compile(block, "docs/schedulefree_adamw.md", "exec"), namespace)
+    assert namespace["opt"].training and namespace["checkpoint"]["opt"]["state"]
+    for name in inspect.signature(kaon.ScheduleFreeAdamW).parameters:
+        assert f"`{name}`" in text, name
+    for key in ("z", "v", "step", "weight_sum", "lr_max", "shift", "y", "train_mode"):
+        assert f"`{key}`" in text, key

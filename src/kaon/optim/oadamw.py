@@ -87,10 +87,12 @@ class OAdamW(KaonOptimizer):
     matrix view ``[out, numel/out]`` (1-D: the parameter's shape); ``step`` fp32 ``[1]``;
     ``shift`` (parameter dtype) with ``bf16_method="kahan"`` on a low-precision parameter; for
     Muon matrices with ``update_proj_gap > 1`` also ``ns_factor`` fp32 ``[k, k]``
-    (``k = min(out, numel/out)``) and ``ns_factor_age`` (int).
+    (``k = min(out, numel/out)``; the cached factor minus the identity, so fresh zeros are the
+    identity) and ``ns_factor_age`` (int, steps since the factor was computed; a host-side
+    count, so a step skipped for a non-finite gradient still counts).
 
-    Bytes per parameter: 8 plus 4 per tensor; plus 2 for Kahan on bf16; plus ``4 k / max(out,
-    numel/out)`` for a cached factor.
+    Bytes per parameter: 8 plus 4 per tensor; plus 2 for Kahan on bf16; plus ``4 k^2 / numel``
+    for a cached factor.
 
     Example::
 
