@@ -103,6 +103,45 @@ def test_matches_optimi_stableadamw_bf16_kahan(variant):
     assert worst < 1e-2
 
 
+def kahan_mismatches(kaon_kwargs, ref_kwargs, steps=20):
+    """Elements where the Kahan-compensated bf16 weight ``p + shift`` is not within rtol 2^-10
+    (1/4 to 1/8 of a bf16 spacing) + atol 1e-6 of the fp32 reference, summed over the steps.
+    Both start from the same bf16-representable weights and get the same (bf16) gradients."""
+    ref_model = optimi_model((64, 128))
+    with torch.no_grad():
+        for q in ref_model.parameters():
+            q.copy_(q.bfloat16().float())
+    model = copy.deepcopy(ref_model).bfloat16()
+    opt = kaon.OAdamW(model.parameters(), **kaon_kwargs)
+    ref = optimi.StableAdamW(ref_model.parameters(), foreach=False, triton=False, **ref_kwargs)
+    bad = 0
+    for i in range(steps):
+        loss_and_grads(ref_model, i)
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            p.grad = q.grad.bfloat16()
+            q.grad = p.grad.float()
+        opt.step()
+        ref.step()
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            exact = p.detach().float() + opt.state[p]["shift"].float().view_as(p)
+            bad += int((~torch.isclose(exact, q.detach(), rtol=2**-10, atol=1e-6)).sum())
+    return bad
+
+
+@pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS.keys())
+def test_bf16_kahan_weights_track_the_fp32_reference(variant):
+    """The formula check for bf16: the weight plus its Kahan compensation is the fp32
+    trajectory to a fraction of a bf16 spacing (the compensation is itself bf16)."""
+    assert kahan_mismatches(variant, variant) == 0
+
+
+@pytest.mark.parametrize("wrong", [dict(lr=1.01e-3), dict(betas=(0.9, 0.98))],
+                         ids=["lr+1%", "beta2"])
+def test_bf16_kahan_check_detects_a_wrong_coefficient(wrong):
+    base = VARIANTS["base"]
+    assert kahan_mismatches(base, {**base, **wrong}) > 1000
+
+
 WRONG = {
     "beta1": (dict(betas=(0.9, 0.99)), dict(betas=(0.89, 0.99))),
     "beta2": (dict(betas=(0.9, 0.99)), dict(betas=(0.9, 0.98))),

@@ -215,7 +215,7 @@ class OAdamW(KaonOptimizer):
         decay = group["weight_decay"]
         if group["decouple_lr"]:  # fully decoupled: eta / max_lr is the schedule's factor
             max_lr = group["max_lr"] if group["max_lr"] is not None else group["lr"]
-            decay = decay / max_lr if max_lr > 0 else 0.0
+            decay = decay / max_lr if isinstance(max_lr, Tensor) or max_lr > 0 else 0.0
         if decay != 0:
             delta.addcmul_(batch.param, eta * decay)
         new_state.update({"exp_avg": m, "exp_avg_sq": v, "step": step})
