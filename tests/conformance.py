@@ -199,3 +199,48 @@ OPTIMIZERS += [
           {"momentum_dtype": "int8", "adjust_lr_fn": "match_rms_adamw",
            "adam_state_dtype": "int8"}, train_lr=0.02),
 ]
+
+SCHEDULEFREE_BAD_ARGS = [
+    (dict(lr=-0.1), ValueError, "lr"),
+    (dict(betas=(0.0, 0.999)), ValueError, "betas[0]"),
+    (dict(betas=(0.9, 1.0)), ValueError, "betas[1]"),
+    (dict(eps=0.0), ValueError, "eps"),
+    (dict(weight_decay=-1.0), ValueError, "weight_decay"),
+    (dict(warmup_steps=-1), ValueError, "warmup_steps"),
+    (dict(warmup_steps=2.5), TypeError, "warmup_steps"),
+    (dict(r=-1.0), ValueError, "r"),
+    (dict(weight_lr_power=-2.0), ValueError, "weight_lr_power"),
+    (dict(maximize="no"), TypeError, "maximize"),
+    (dict(bf16_method="fast"), ValueError, "bf16_method"),
+]
+
+OADAMW_BAD_ARGS = [
+    (dict(lr=-1e-3), ValueError, "lr"),
+    (dict(betas=(0.9, 1.5)), ValueError, "betas[1]"),
+    (dict(weight_decay=-0.01), ValueError, "weight_decay"),
+    (dict(eps=0.0), ValueError, "eps"),
+    (dict(decouple_lr=1), TypeError, "decouple_lr"),
+    (dict(max_lr=0.0), ValueError, "max_lr"),
+    (dict(muon="yes"), TypeError, "muon"),
+    (dict(ns_steps=0), ValueError, "ns_steps"),
+    (dict(update_proj_gap=0), ValueError, "update_proj_gap"),
+    (dict(scale=-1.0), ValueError, "scale"),
+    (dict(ns_dtype="float16"), ValueError, "ns_dtype"),
+    (dict(bf16_method="truncate"), ValueError, "bf16_method"),
+]
+
+OPTIMIZERS += [
+    Entry("ScheduleFreeAdamW", kaon.ScheduleFreeAdamW, {}, train_lr=1e-2,
+          bad_args=SCHEDULEFREE_BAD_ARGS),
+    Entry("ScheduleFreeAdamW-warmup-wd-kahan", kaon.ScheduleFreeAdamW,
+          {"warmup_steps": 3, "r": 1.0, "bf16_method": "kahan"},
+          train_lr=1e-2),
+    # weight decay moves weights even at a zero gradient, so the entries run without it
+    # (test_per_group_lr_and_weight_decay sets it per group)
+    Entry("OAdamW", kaon.OAdamW, {"weight_decay": 0.0}, bad_args=OADAMW_BAD_ARGS),
+    Entry("OAdamW-decoupled-sr", kaon.OAdamW,
+          {"decouple_lr": True, "weight_decay": 0.0, "bf16_method": "stochastic_rounding"}),
+    Entry("OAdamW-muon", kaon.OAdamW, {"muon": True, "weight_decay": 0.0}),
+    Entry("OAdamW-muon-bf16ns", kaon.OAdamW,
+          {"muon": True, "ns_dtype": "bfloat16", "ns_steps": 3, "scale": 0.5, "weight_decay": 0.0}),
+]

@@ -3,10 +3,11 @@
 from kaon._version import __version__
 from kaon.engine import Batch, Slot
 from kaon.grouping import build_optimizer, create_optimizer, describe_groups
-from kaon.optim import Adakaon, AdaMuon, AdamW, KProdigy, Lion, Muon
+from kaon.optim import Adakaon, AdaMuon, AdamW, KProdigy, Lion, Muon, OAdamW, ScheduleFreeAdamW
 from kaon.optimizer import KaonOptimizer
 
 __all__ = [
-    "AdaMuon", "Adakaon", "AdamW", "Batch", "KProdigy", "KaonOptimizer", "Lion", "Muon", "Slot",
-    "__version__", "build_optimizer", "create_optimizer", "describe_groups",
+    "AdaMuon", "Adakaon", "AdamW", "Batch", "KProdigy", "KaonOptimizer", "Lion", "Muon", "OAdamW",
+    "ScheduleFreeAdamW", "Slot", "__version__", "build_optimizer", "create_optimizer",
+    "describe_groups",
 ]

@@ -6,5 +6,8 @@ from kaon.optim.adamw import AdamW
 from kaon.optim.kprodigy import KProdigy
 from kaon.optim.lion import Lion
 from kaon.optim.muon import Muon
+from kaon.optim.oadamw import OAdamW
+from kaon.optim.schedulefree_adamw import ScheduleFreeAdamW
 
-__all__ = ["AdaMuon", "Adakaon", "AdamW", "KProdigy", "Lion", "Muon"]
+__all__ = ["AdaMuon", "Adakaon", "AdamW", "KProdigy", "Lion", "Muon", "OAdamW",
+           "ScheduleFreeAdamW"]
