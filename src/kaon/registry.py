@@ -147,3 +147,5 @@ def create(
 
 register("Adakaon", kaon.Adakaon)
 register("AdamW", torch.optim.AdamW)
+register("AdaPNM", kaon.AdaPNM)
+register("Nekaon", kaon.Nekaon)
