@@ -24,6 +24,8 @@ class Entry:
     supports_bf16: bool = True
     # False for optimizers that need every gradient before any update (no step_param)
     per_parameter: bool = True
+    # the weights carry a displacement between steps (Nekaon): the iterate is what eval() shows
+    lookahead: bool = False
 
     def make(self, params, **overrides):
         return self.cls(params, **{**self.kwargs, **overrides})
@@ -243,4 +245,48 @@ OPTIMIZERS += [
     Entry("OAdamW-muon", kaon.OAdamW, {"muon": True, "weight_decay": 0.0}),
     Entry("OAdamW-muon-bf16ns", kaon.OAdamW,
           {"muon": True, "ns_dtype": "bfloat16", "ns_steps": 3, "scale": 0.5, "weight_decay": 0.0}),
+]
+
+ADAPNM_BAD_ARGS = [
+    (dict(lr=-1e-3), ValueError, "lr"),
+    (dict(betas=(1.0, 0.999)), ValueError, "betas[0]"),
+    (dict(betas=(0.8, 1.0)), ValueError, "betas[1]"),
+    (dict(beta0=1.5), ValueError, "beta0"),
+    (dict(beta0="half"), TypeError, "beta0"),
+    (dict(eps=-1e-8), ValueError, "eps"),
+    (dict(weight_decay=-0.1), ValueError, "weight_decay"),
+    (dict(clip_threshold=-1.0), ValueError, "clip_threshold"),
+    (dict(ams_bound="yes"), TypeError, "ams_bound"),
+    (dict(momentum_dtype="fp8"), ValueError, "momentum_dtype"),
+    (dict(bf16_method="truncate"), ValueError, "bf16_method"),
+    (dict(cautious=1), TypeError, "cautious"),
+]
+
+NEKAON_BAD_ARGS = [
+    (dict(k=-1.0), ValueError, "k"),
+    (dict(k="far"), TypeError, "k"),
+    (dict(lr=-1e-3), ValueError, "lr"),
+    (dict(betas=(1.0, 0.999)), ValueError, "betas[0]"),
+    (dict(weight_decay=-0.1), ValueError, "weight_decay"),
+    (dict(clip_threshold=0.0), ValueError, "clip_threshold"),
+    (dict(momentum_dtype="fp8"), ValueError, "momentum_dtype"),
+]
+
+OPTIMIZERS += [
+    Entry("AdaPNM", kaon.AdaPNM, {}, bad_args=ADAPNM_BAD_ARGS),
+    Entry("AdaPNM-int8", kaon.AdaPNM, {"momentum_dtype": "int8"}),
+    Entry("AdaPNM-4bit-ams", kaon.AdaPNM,
+          {"momentum_dtype": "4bit", "momentum_4bit_block": 64, "ams_bound": True}),
+    Entry("AdaPNM-float32-plain", kaon.AdaPNM,
+          {"momentum_dtype": "float32", "cautious": False, "gradient_centralization": False,
+           "clip_threshold": 0.0, "beta0": 1.0}),
+    Entry("AdaPNM-kahan", kaon.AdaPNM, {"bf16_method": "kahan"}),
+    Entry("Nekaon", kaon.Nekaon, {}, bad_args=NEKAON_BAD_ARGS, lookahead=True),
+    Entry("Nekaon-int8-b0.2", kaon.Nekaon, {"momentum_dtype": "int8", "betas": (0.2, 0.999)},
+          lookahead=True),
+    Entry("Nekaon-bfloat16-b0.9-k3", kaon.Nekaon,
+          {"momentum_dtype": "bfloat16", "betas": (0.9, 0.999), "k": 3.0}, lookahead=True),
+    Entry("Nekaon-float32-nowd", kaon.Nekaon,
+          {"momentum_dtype": "float32", "weight_decay": 0.0, "cautious": False}, lookahead=True),
+    Entry("Nekaon-kahan", kaon.Nekaon, {"bf16_method": "kahan"}, lookahead=True),
 ]

@@ -222,3 +222,74 @@ class LionReference:
             delta = delta * mask / max(mask.mean().item(), 1e-8)
         with torch.no_grad():
             self.p.sub_((self.lr * delta).to(self.p.dtype))
+
+
+class AdaPNMReference:
+    """AdaPNM on one fp32 tensor (any shape), following the written specification.
+
+    Two fp32 momentum buffers whose roles swap with the step parity, a factored second moment
+    with bias correction for ndim >= 2 (a full one, optionally AMS-bounded, otherwise), the RMS
+    clip, cautious masking and multiplicative weight decay. The momentum can be rounded to
+    bfloat16 / int8 / 4bit after each update, as kaon stores it.
+    """
+
+    def __init__(self, p: torch.Tensor, lr=1e-3, betas=(0.8, 0.999), beta0=0.5, eps=1e-8,
+                 weight_decay=0.0, clip=1.0, cautious=True, centralize=True, ams_bound=False,
+                 momentum="float32", block=128) -> None:
+        self.p, self.lr, self.betas, self.beta0, self.eps = p, lr, betas, beta0, eps
+        self.wd, self.clip, self.cautious, self.centralize = weight_decay, clip, cautious, centralize
+        self.ams_bound, self.momentum, self.block = ams_bound, momentum, block
+        self.factored = p.ndim >= 2
+        shape = (p.shape[0], p.numel() // p.shape[0]) if self.factored else (max(p.numel(), 1),)
+        self.buffers = [torch.zeros(shape), torch.zeros(shape)]  # [m_pos, m_neg]
+        if self.factored:
+            self.row, self.col = torch.zeros(shape[0]), torch.zeros(shape[1])
+        else:
+            self.v = torch.zeros(shape)
+            self.v_max = torch.zeros(shape)
+        self.t = 0
+
+    def stored(self, m: torch.Tensor) -> torch.Tensor:
+        if self.momentum == "bfloat16":
+            return m.to(torch.bfloat16).float()
+        if self.momentum == "int8":
+            return quantize_int8_rows(m)
+        if self.momentum == "4bit":
+            return quantize_4bit_blocks(m, self.block)
+        return m
+
+    def step(self, grad: torch.Tensor) -> None:
+        beta1, beta2 = self.betas
+        self.t += 1
+        t = self.t
+        g = grad.float().reshape(self.buffers[0].shape).clone()
+        if self.centralize and self.factored:
+            g = g - g.mean(dim=1, keepdim=True)
+        positive = 0 if t % 2 == 1 else 1
+        m_pos = beta1**2 * self.buffers[positive] + (1 - beta1**2) * g
+        m_neg = self.buffers[1 - positive]
+        self.buffers[positive] = self.stored(m_pos)
+        noise = ((1 + self.beta0) ** 2 + self.beta0**2) ** 0.5
+        pn = ((1 + self.beta0) * m_pos - self.beta0 * m_neg) / noise
+        bc2 = 1 - beta2**t
+        if self.factored:
+            sq = g * g + max(self.eps, 1e-30)
+            self.row = beta2 * self.row + (1 - beta2) * sq.mean(dim=1)
+            self.col = beta2 * self.col + (1 - beta2) * sq.mean(dim=0)
+            v_hat = torch.outer(self.row, self.col) / self.row.mean() / bc2
+            u = pn / v_hat.sqrt()
+        else:
+            self.v = beta2 * self.v + (1 - beta2) * g * g
+            self.v_max = torch.maximum(self.v_max, self.v)
+            v = self.v_max if self.ams_bound else self.v
+            u = pn / ((v + 1e-15).sqrt() + self.eps) * bc2**0.5
+        if self.clip > 0:
+            rms = u.pow(2).mean().sqrt().item()
+            u = u / max(1.0, rms / self.clip)
+        step = self.lr / (1 - beta1**t) * u
+        if self.cautious:
+            mask = (step * g > 0).float()
+            step = step * mask / max(mask.mean().item(), 1e-8)
+        with torch.no_grad():
+            decayed = self.p.float().reshape(step.shape) * (1 - self.lr * self.wd)
+            self.p.copy_((decayed - step).reshape(self.p.shape).to(self.p.dtype))

@@ -76,6 +76,16 @@ def params_of(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
+def true_params(model, opt):
+    """The weights as evaluation sees them: bracketed by ``opt.eval()`` / ``opt.train()``, a
+    no-op for most optimizers; for a look-ahead optimizer (Nekaon) the iterate without the
+    displacement the live weights carry."""
+    opt.eval()
+    weights = params_of(model)
+    opt.train()
+    return weights
+
+
 def assert_same(a, b):
     for x, y in zip(a, b):
         assert x.dtype == y.dtype
@@ -213,10 +223,10 @@ def test_lr_scheduler_changes_the_step(entry: Entry):
             set_grads(model, i)
             opt.step()
             sched.step()
-        before = params_of(model)
+        before = true_params(model, opt)
         set_grads(model, 3)
         opt.step()
-        return before, params_of(model)
+        return before, true_params(model, opt)
 
     before, frozen = run(0.0)
     assert_same(before, frozen)
@@ -272,9 +282,13 @@ def test_lr_zero_leaves_parameters_unchanged(entry: Entry, dtype):
     model, opt = started(entry, dtype, steps=3)
     for group in opt.param_groups:
         group["lr"] = 0.0
-    before = params_of(model)
+    if entry.lookahead and dtype == torch.bfloat16:
+        # the lr-scaled displacement vanishes into the weights: one stochastic rounding of the
+        # iterate (it is not representable in bf16); from then on nothing may move
+        train(model, opt, 1, start=3, dtype=dtype)
+    before = true_params(model, opt)
     train(model, opt, 2, start=3, dtype=dtype)
-    assert_same(before, params_of(model))
+    assert_same(before, true_params(model, opt))
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -31,12 +31,13 @@ def test_adakaon_page_documents_every_state_key_and_argument():
             assert f"`{name}`" in text, name
 
 
-def _run_blocks(page: str) -> dict:
+def _run_blocks(page: str, only_last: bool = False) -> dict:
+    """Run the page's python blocks (or only its last, complete example) in one namespace."""
     text = (DOCS / page).read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     assert blocks, f"docs/{page} lost its example"
     namespace: dict = {}
-    for block in blocks:
+    for block in blocks[-1:] if only_last else blocks:
         exec(compile(block, f"docs/{page}", "exec"), namespace)
     return namespace
 
@@ -48,7 +49,7 @@ def _documents_every_argument_and_key(page: str, cls, keys) -> None:
     for key in keys:
         assert f"`{key}`" in text, key
     for name in inspect.signature(cls).parameters:
-        if name != "params":
+        if name not in ("params", "adakaon_kwargs"):
             assert f"`{name}`" in text, name
 
 
@@ -71,22 +72,34 @@ def test_adamuon_page_runs_and_documents_every_argument_and_key():
 
 
 def test_adamw_muon_and_grouping_pages_run_and_document_every_argument():
-    import inspect
-
     import kaon
 
     for page, cls, keys in (
-        ("adamw.md", kaon.AdamW, ("`step`", "`exp_avg`", "`exp_avg_sq`", "`max_exp_avg_sq`",
-                                  "`shift`", "`_offset`")),
-        ("muon.md", kaon.Muon, ("`momentum_buffer`", "`momentum_buffer_scale`", "`step`",
-                                "`exp_avg_sq`", "`base_lr`", "`shift`")),
+        ("adamw.md", kaon.AdamW, ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "shift",
+                                  "_offset")),
+        ("muon.md", kaon.Muon, ("momentum_buffer", "momentum_buffer_scale", "step",
+                                "exp_avg_sq", "base_lr", "shift")),
     ):
-        text = (DOCS / page).read_text()
-        for key in keys:
-            assert key in text, (page, key)
-        for name in inspect.signature(cls).parameters:
-            if name != "params":
-                assert f"`{name}`" in text, (page, name)
+        _documents_every_argument_and_key(page, cls, keys)
         _run_blocks(page)
     namespace = _run_blocks("grouping.md")
     assert isinstance(namespace["opt"], kaon.AdamW) and isinstance(namespace["opt2"], kaon.Muon)
+
+
+def test_adapnm_page():
+    import kaon
+
+    _documents_every_argument_and_key(
+        "adapnm.md", kaon.AdaPNM,
+        ["row", "col", "v", "v_max", "m_pos", "m_neg", "m_pos_scale", "m_neg_scale", "step",
+         "shift"])
+    opt = _run_blocks("adapnm.md", only_last=True)["opt"]
+    assert {"m_pos", "m_neg", "step"} <= set(next(iter(opt.state.values())))
+
+
+def test_nekaon_page():
+    import kaon
+
+    _documents_every_argument_and_key(
+        "nekaon.md", kaon.Nekaon, ["row", "col", "v", "m", "m_scale", "shift", "climb"])
+    assert _run_blocks("nekaon.md", only_last=True)["opt"].training

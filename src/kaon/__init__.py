@@ -3,11 +3,22 @@
 from kaon._version import __version__
 from kaon.engine import Batch, Slot
 from kaon.grouping import build_optimizer, create_optimizer, describe_groups
-from kaon.optim import Adakaon, AdaMuon, AdamW, KProdigy, Lion, Muon, OAdamW, ScheduleFreeAdamW
+from kaon.optim import (
+    Adakaon,
+    AdaMuon,
+    AdamW,
+    AdaPNM,
+    KProdigy,
+    Lion,
+    Muon,
+    Nekaon,
+    OAdamW,
+    ScheduleFreeAdamW,
+)
 from kaon.optimizer import KaonOptimizer
 
 __all__ = [
-    "AdaMuon", "Adakaon", "AdamW", "Batch", "KProdigy", "KaonOptimizer", "Lion", "Muon", "OAdamW",
-    "ScheduleFreeAdamW", "Slot", "__version__", "build_optimizer", "create_optimizer",
-    "describe_groups",
+    "AdaMuon", "AdaPNM", "Adakaon", "AdamW", "Batch", "KProdigy", "KaonOptimizer", "Lion", "Muon",
+    "Nekaon", "OAdamW", "ScheduleFreeAdamW", "Slot", "__version__", "build_optimizer",
+    "create_optimizer", "describe_groups",
 ]

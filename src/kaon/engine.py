@@ -123,6 +123,19 @@ class Batch:
         codec = self.slots[name].codec
         return codec.decode(codec.encode(value.clone()), self.slots[name].shape)
 
+    def with_param(self, param: Tensor) -> Batch:
+        """This batch with ``param`` (fp32 ``[N, *view]``) in place of the parameter stack.
+
+        For a rule that runs another rule at a point other than the stored weights (Nekaon
+        runs Adakaon's rule at the true weights while the stored ones carry a displacement).
+        Everything else (gradient, state, group, scratch buffers) is shared with this batch;
+        the engine still writes the step relative to the stored weights.
+        """
+        other = Batch(self.grad, self.state, self.group, self.params, self.view,
+                      self._workspace, self._same_shape, self.slots)
+        other._param = param
+        return other
+
     @property
     def param(self) -> Tensor:
         if self._param is None:

@@ -3,11 +3,13 @@
 from kaon.optim.adakaon import Adakaon
 from kaon.optim.adamuon import AdaMuon
 from kaon.optim.adamw import AdamW
+from kaon.optim.adapnm import AdaPNM
 from kaon.optim.kprodigy import KProdigy
 from kaon.optim.lion import Lion
 from kaon.optim.muon import Muon
+from kaon.optim.nekaon import Nekaon
 from kaon.optim.oadamw import OAdamW
 from kaon.optim.schedulefree_adamw import ScheduleFreeAdamW
 
-__all__ = ["AdaMuon", "Adakaon", "AdamW", "KProdigy", "Lion", "Muon", "OAdamW",
-           "ScheduleFreeAdamW"]
+__all__ = ["AdaMuon", "AdaPNM", "Adakaon", "AdamW", "KProdigy", "Lion", "Muon", "Nekaon",
+           "OAdamW", "ScheduleFreeAdamW"]
