@@ -103,3 +103,122 @@ def newton_schulz_reference(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) 
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.T if tall else x
+
+
+class AdaMuonReference:
+    """AdaMuon on one fp32 tensor, following the written specification step by step.
+
+    Written as the specification states it: the applied step is ``0.2 * lr * u`` and the
+    momentum of a vector is an EMA of that lr-scaled step (equal to kaon's unit-space momentum
+    at a constant lr). Newton-Schulz runs in ``ns_dtype`` (float32 for exact comparisons).
+    """
+
+    def __init__(self, p: torch.Tensor, lr=2e-2, betas=(0.95, 0.999), eps1=1e-30,
+                 weight_decay=0.0, ns_steps=2, clip=1.0, momentum="float32", block=128,
+                 cautious=True, centralize=False, ns_dtype=torch.float32) -> None:
+        self.p, self.lr, self.betas, self.eps1 = p, lr, betas, eps1
+        self.wd, self.ns_steps, self.clip = weight_decay, ns_steps, clip
+        self.momentum, self.block = momentum, block
+        self.cautious, self.centralize, self.ns_dtype = cautious, centralize, ns_dtype
+        self.factored = p.ndim >= 2
+        if self.factored:
+            rows, cols = p.shape[0], p.numel() // p.shape[0]
+            self.row, self.col = torch.zeros(rows), torch.zeros(cols)
+        else:
+            self.v = torch.zeros(max(p.numel(), 1))
+        self.m = torch.zeros(self.matrix(p).shape)
+
+    def matrix(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(t.shape[0], -1) if t.ndim >= 2 else t.reshape(-1)
+
+    def store(self, m: torch.Tensor) -> torch.Tensor:
+        if self.momentum == "int8":
+            return quantize_int8_rows(m)
+        if self.momentum == "4bit":
+            return quantize_4bit_blocks(m, self.block)
+        if self.momentum == "bfloat16":
+            return m.to(torch.bfloat16).float()
+        return m
+
+    def orthogonalize(self, m: torch.Tensor) -> torch.Tensor:
+        a, b, c = 3.4445, -4.7750, 2.0315
+        x = m / max(m.norm().item(), 1e-7)
+        tall = x.shape[0] > x.shape[1]
+        if tall:
+            x = x.T
+        x = x.to(self.ns_dtype)
+        for _ in range(self.ns_steps):
+            gram = x @ x.T
+            x = a * x + (b * gram + c * gram @ gram) @ x
+        x = x.float()
+        return x.T if tall else x
+
+    def clipped(self, u: torch.Tensor) -> torch.Tensor:
+        rms = u.pow(2).mean().sqrt().item()
+        return u / max(1.0, rms / self.clip)
+
+    def step(self, grad: torch.Tensor) -> None:
+        beta1, beta2 = self.betas
+        g = self.matrix(grad.float()).clone()
+        if self.centralize and self.factored:
+            g = g - g.mean(dim=1, keepdim=True)
+        if self.factored:
+            if beta1 > 0:
+                m = beta1 * self.m + (1 - beta1) * g
+                self.m = self.store(m)
+            else:
+                m = g
+            o = self.orthogonalize(m)
+            sq = o * o + self.eps1
+            self.row = beta2 * self.row + (1 - beta2) * sq.mean(dim=1)
+            self.col = beta2 * self.col + (1 - beta2) * sq.mean(dim=0)
+            v_hat = torch.outer(self.row, self.col) / self.row.mean()
+            delta = 0.2 * self.lr * self.clipped(o / v_hat.sqrt())
+        else:
+            self.v = beta2 * self.v + (1 - beta2) * (g * g + self.eps1)
+            u = 0.2 * self.lr * self.clipped(g / self.v.sqrt())
+            if beta1 > 0:
+                m = beta1 * self.m + (1 - beta1) * u
+                self.m = self.store(m)
+                delta = m
+            else:
+                delta = u
+        delta = delta + self.lr * self.wd * self.matrix(self.p.detach().float())
+        if self.cautious:
+            mask = (delta * g > 0).float()
+            delta = delta * mask / max(mask.mean().item(), 1e-8)
+        with torch.no_grad():
+            self.p.sub_(delta.reshape(self.p.shape).to(self.p.dtype))
+
+
+class LionReference:
+    """Lion on one fp32 tensor, as the specification states it (cautious masks ``sign + wd p``)."""
+
+    def __init__(self, p: torch.Tensor, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,
+                 momentum="float32", block=128, cautious=True, centralize=True) -> None:
+        self.p, self.lr, self.betas, self.wd = p, lr, betas, weight_decay
+        self.momentum, self.block = momentum, block
+        self.cautious, self.centralize = cautious, centralize
+        self.m = torch.zeros_like(p, dtype=torch.float32)
+
+    def step(self, grad: torch.Tensor) -> None:
+        beta1, beta2 = self.betas
+        g = grad.float().clone()
+        if self.centralize and g.ndim >= 2:
+            rows = g.reshape(g.shape[0], -1)
+            g = (rows - rows.mean(dim=1, keepdim=True)).reshape(g.shape)
+        direction = torch.sign(beta1 * self.m + (1 - beta1) * g)
+        m = beta2 * self.m + (1 - beta2) * g
+        if self.momentum == "int8":
+            m = quantize_int8_rows(m)
+        elif self.momentum == "4bit":
+            m = quantize_4bit_blocks(m, self.block)
+        elif self.momentum == "bfloat16":
+            m = m.to(torch.bfloat16).float()
+        self.m = m
+        delta = direction + self.wd * self.p.detach().float()
+        if self.cautious:
+            mask = (delta * g > 0).float()
+            delta = delta * mask / max(mask.mean().item(), 1e-8)
+        with torch.no_grad():
+            self.p.sub_((self.lr * delta).to(self.p.dtype))

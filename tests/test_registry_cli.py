@@ -74,7 +74,7 @@ def test_registry_lookup_and_unknown_names():
     with pytest.raises(ValueError, match="unknown optimizer 'Nope'.*Adakaon, AdamW"):
         registry.get("Nope")
     with pytest.raises(ValueError, match="known optimizers"):
-        registry.create("kaon.Lion", [torch.nn.Parameter(torch.zeros(2))])
+        registry.create("kaon.NoSuchOptimizer", [torch.nn.Parameter(torch.zeros(2))])
     with pytest.raises(TypeError, match="unexpected keyword"):
         registry.create("Adakaon", [torch.nn.Parameter(torch.zeros(2))], "momentum=0.9")
 

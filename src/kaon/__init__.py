@@ -2,7 +2,7 @@
 
 from kaon._version import __version__
 from kaon.engine import Batch, Slot
-from kaon.optim import Adakaon
+from kaon.optim import Adakaon, AdaMuon, Lion
 from kaon.optimizer import KaonOptimizer
 
-__all__ = ["Adakaon", "Batch", "KaonOptimizer", "Slot", "__version__"]
+__all__ = ["AdaMuon", "Adakaon", "Batch", "KaonOptimizer", "Lion", "Slot", "__version__"]

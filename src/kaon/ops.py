@@ -137,17 +137,28 @@ def newton_schulz(
     """
     if matrix.ndim != 3:
         raise ValueError(f"newton_schulz expects [N, R, C]; got shape {tuple(matrix.shape)}")
-    a, b, c = coefficients
     flat = matrix.reshape(matrix.shape[0], -1)
     norm = sum_squares(flat.float(), dim=-1).sqrt_().clamp_min_(eps)
     x = (matrix.float() / norm.view(-1, 1, 1)).to(dtype)
     tall = matrix.shape[-2] > matrix.shape[-1]
     if tall:
         x = x.mT
+    if x.device.type == "cpu" and dtype != torch.float32 and x.shape[0] > 1:
+        # CPU low-precision batched matmuls are not batch-independent (their blocking depends on
+        # the batch size and changes the rounding), so each slice runs as its own batch of one:
+        # the same calls the per-parameter path makes, hence bit-identical results
+        x = torch.cat([_quintic(x[i : i + 1], steps, coefficients) for i in range(x.shape[0])])
+    else:
+        x = _quintic(x, steps, coefficients)
+    if tall:
+        x = x.mT
+    return x.float().contiguous()
+
+
+def _quintic(x: Tensor, steps: int, coefficients: tuple[float, float, float]) -> Tensor:
+    a, b, c = coefficients
     for _ in range(steps):
         gram = x @ x.mT
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
         x = torch.baddbmm(x, poly, x, beta=a, alpha=1.0)
-    if tall:
-        x = x.mT
-    return x.float().contiguous()
+    return x

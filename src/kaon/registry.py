@@ -147,3 +147,5 @@ def create(
 
 register("Adakaon", kaon.Adakaon)
 register("AdamW", torch.optim.AdamW)
+register("Lion", kaon.Lion)
+register("AdaMuon", kaon.AdaMuon)
