@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+from torch.nn import functional
 
 from kaon.battery.core import Profile, RunRecord, train
 
@@ -95,7 +95,7 @@ class TinyTransformer(nn.Module):
 
 def _loss(model: nn.Module, seqs: torch.Tensor) -> torch.Tensor:
     logits = model(seqs[:, :-1])
-    return F.cross_entropy(logits.reshape(-1, VOCAB), seqs[:, 1:].reshape(-1))
+    return functional.cross_entropy(logits.reshape(-1, VOCAB), seqs[:, 1:].reshape(-1))
 
 
 class LanguageModelTask:

@@ -64,11 +64,20 @@ def lr_for(entry: Entry, family: str, constant: bool = False) -> float:
     return float(value)
 
 
+def _build(model: nn.Module, cls: type, lr: float, kwargs: dict[str, Any]):
+    import kaon
+
+    builder = getattr(kaon, "build_optimizer", None)
+    if builder is None:  # DEV FALLBACK, removed once build_optimizer lands
+        return cls(model.parameters(), lr=lr, **kwargs)
+    return builder(model, cls, lr=lr, **kwargs)
+
+
 def _kaon(name: str, **kwargs: Any) -> tuple[Factory, str]:
     def factory(model: nn.Module, lr: float) -> torch.optim.Optimizer:
         import kaon
 
-        return kaon.build_optimizer(model, getattr(kaon, name), lr=lr, **kwargs)
+        return _build(model, getattr(kaon, name), lr, kwargs)
 
     text = name + ("(" + ", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items())) + ")"
                    if kwargs else "")
@@ -79,10 +88,9 @@ def _class(path: str, **kwargs: Any) -> tuple[Factory, str]:
     module_name, _, class_name = path.rpartition(".")
 
     def factory(model: nn.Module, lr: float) -> torch.optim.Optimizer:
-        import kaon
 
         cls = getattr(importlib.import_module(module_name), class_name)
-        return kaon.build_optimizer(model, cls, lr=lr, **kwargs)
+        return _build(model, cls, lr, kwargs)
 
     text = path + ("(" + ", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items())) + ")"
                    if kwargs else "")
@@ -189,9 +197,8 @@ def entry_from_spec(spec: str, args: str = "") -> Entry:
     lr_const = float(kwargs.pop("lr_const", lr))
 
     def factory(model: nn.Module, rate: float) -> torch.optim.Optimizer:
-        import kaon
 
-        return kaon.build_optimizer(model, cls, lr=rate, **kwargs)
+        return _build(model, cls, rate, kwargs)
 
     config = f"{spec}({args})" if args else spec
     name = f"{class_name}({args})" if args else class_name

@@ -185,7 +185,7 @@ def text_table(rows: Sequence[dict[str, Any]]) -> str:
     header, body = _cells(rows)
     widths = [max(len(h), *(len(c[i]) for c in body)) if body else len(h)
               for i, h in enumerate(header)]
-    fmt = "  ".join("{:<%d}" % w if i < 2 or i == len(header) - 1 else "{:>%d}" % w
+    fmt = "  ".join(f"{{:<{w}}}" if i < 2 or i == len(header) - 1 else f"{{:>{w}}}"
                     for i, w in enumerate(widths))
     lines = [fmt.format(*header), "-" * (sum(widths) + 2 * (len(widths) - 1))]
     lines += [fmt.format(*cells) for cells in body]
@@ -276,7 +276,7 @@ def render(entries: dict[str, Any], context: Any, profile: Profile, out: Path, *
     for name, why in (skipped or {}).items():
         log(f"skipped {name}: {why}")
     log(f"\nreport: {out / 'report.md'}  results: {out / 'results.json'}  plots: "
-        f"{', '.join(p.name for p in written) or 'none (matplotlib not installed)'}")
+        f"{', '.join(p.name for p in written) or 'none'}")
     return payload
 
 

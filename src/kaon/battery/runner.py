@@ -173,7 +173,7 @@ def run_battery(
         if "lora_ms" not in record:
             todo.append((entry, None, "lora", 0))
     total = sum(_steps_of(t, prof) if t is not None else 1 for _, t, _, _ in todo)
-    bar = _progress(total, progress and bool(todo))
+    bar = _Progress(total, progress and bool(todo))
     started = time.perf_counter()
     for entry, task, schedule, seed in todo:
         record = cache.runs(context, entry.config)
@@ -202,7 +202,7 @@ def run_battery(
                          selected=wanted, log=log)
 
 
-class _progress:
+class _Progress:
     """tqdm when installed, else a line per run."""
 
     def __init__(self, total: int, enabled: bool) -> None:
