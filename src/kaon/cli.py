@@ -1,4 +1,4 @@
-"""The ``kaon`` command: ``kaon --version``, ``kaon list``, ``kaon bench``."""
+"""The ``kaon`` command: ``kaon battery``, ``kaon bench``, ``kaon list``, ``kaon --version``."""
 
 from __future__ import annotations
 
@@ -28,6 +28,16 @@ examples:
   kaon bench --config "Adakaon:momentum_dtype=int8,betas=(0.9,0.99)" --config AdamW
   kaon bench --safetensors model.safetensors --filter model.diffusion_model. --lora-rank 16
   kaon bench --suite safetensors:model.safetensors --json rows.json
+"""
+
+
+_BATTERY_EPILOG = """\
+examples:
+  kaon battery                                   # the quick profile, default set
+  kaon battery --only AdamW (torch),Lion,Nekaon   # a few entries (names from --list)
+  kaon battery --optimizer torch.optim:SGD "lr=0.05,momentum=0.9"
+  kaon battery --render-only                     # tables and plots from the cache
+  kaon battery --profile full --seeds 0,1        # the upstream-sized protocol
 """
 
 
@@ -93,9 +103,74 @@ def _parser() -> argparse.ArgumentParser:
                    "steps: well under a minute on a 2-core CPU")
     b.add_argument("--json", metavar="PATH", help="also write every row as JSON to PATH")
 
+    t = commands.add_parser(
+        "battery",
+        help="train small real tasks with every optimizer and rank them",
+        description="The control battery: trains a small-data diffusion model (procedural\n"
+        "images and real face photographs), a small transformer language model and the LoRA\n"
+        "bag with every optimizer, then ranks them on held-out loss, generalization gap,\n"
+        "convergence, step time, LoRA-bag step time, state bytes per parameter and\n"
+        "constant-LR behaviour. Writes OUT/report.md, OUT/results.json and PNG plots; runs\n"
+        "are cached in OUT/cache.json, so only what is missing is measured.",
+        epilog=_BATTERY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("--profile", choices=["quick", "full", "tiny"], default="quick",
+                   help="quick (default): a few minutes on 2 CPU cores; full: the upstream "
+                   "protocol sizes (hours on a CPU); tiny: seconds, for tests")
+    t.add_argument("--only", metavar="NAME,...",
+                   help="measure only these entries (see --list; 'peers' adds every peer)")
+    t.add_argument("--optimizer", nargs="+", action="append", metavar=("MODULE:CLASS", "ARGS"),
+                   help="add your own optimizer, e.g. --optimizer torch.optim:SGD "
+                   "'lr=0.05,momentum=0.9' (lr and lr_const set its learning rates; repeatable)")
+    t.add_argument("--seeds", metavar="S,...", help="seeds instead of the profile's (e.g. 0,1)")
+    t.add_argument("--device", choices=["cpu"], default="cpu", help="default cpu")
+    t.add_argument("--threads", type=_positive, metavar="N",
+                   help="torch.set_num_threads(N) (default 1: tiny models run fastest on one "
+                   "thread, and results depend on the thread count)")
+    t.add_argument("--out", default="battery-out", metavar="DIR",
+                   help="output folder (default battery-out)")
+    t.add_argument("--render-only", action="store_true",
+                   help="rebuild the tables and plots from the cache without measuring")
+    t.add_argument("--list", action="store_true", help="list the battery entries and exit")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     commands.add_parser("list", help="list the registered optimizers",
                         description="The optimizers kaon bench and kaon.registry.create know.")
     return parser
+
+
+def _battery(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from kaon import battery
+
+    if args.list:
+        for entry in battery.ENTRIES:
+            ok, why = entry.available()
+            mark = "default" if entry.default else ("peer" if ok else f"not here: {why}")
+            print(f"{entry.name:22s} {entry.family:9s} {mark:9s} {entry.blurb}")
+        return 0
+    try:
+        entries = battery.select(args.only)
+        for spec in args.optimizer or []:
+            if len(spec) > 2:
+                parser.error("--optimizer takes MODULE:CLASS and at most one argument string")
+            entries.append(battery.entry_from_spec(spec[0], spec[1] if len(spec) > 1 else ""))
+        profile = battery.PROFILES[args.profile]
+        if args.seeds:
+            seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+            if not seeds:
+                parser.error("--seeds needs at least one seed")
+            profile = dataclasses.replace(profile, seeds=seeds, name=f"{profile.name}-s"
+                                          + "-".join(map(str, seeds)))
+        battery.run_battery(entries, profile=profile, out=args.out, device=args.device,
+                            threads=args.threads or 1, render_only=args.render_only,
+                            progress=not args.no_progress)
+    except (ValueError, TypeError, OSError, RuntimeError) as error:
+        print(f"kaon battery: error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _list() -> int:
@@ -144,6 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _list()
         if args.command == "bench":
             return _bench(parser, args)
+        if args.command == "battery":
+            return _battery(parser, args)
     except SystemExit as stop:  # argparse: --help, --version and usage errors
         code = stop.code
         return code if isinstance(code, int) else (0 if code is None else 2)

@@ -1,0 +1,214 @@
+"""What the battery measures: profiles, run records, the training loop and LR schedules.
+
+A *task* trains a small real model with one optimizer at one learning rate, schedule and seed
+and returns a :class:`RunRecord`: the held-out and train-split losses at evenly spaced
+checkpoints, the steady-state milliseconds per training step, and the optimizer's state bytes
+per parameter. Everything a task needs is generated in-process or ships inside an installed
+package; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Profile", "PROFILES", "RunRecord", "rex_multiplier", "state_bytes_per_param", "train",
+]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes of one battery profile (the cache keeps profiles apart)."""
+
+    name: str
+    seeds: tuple[int, ...]
+    # small-data diffusion (synthetic and real images)
+    width: int
+    steps: int
+    batch: int
+    resolutions: tuple[int, ...]
+    checkpoints: int
+    eval_draws: int
+    sample_steps: int
+    # language model
+    lm_width: int
+    lm_layers: int
+    lm_steps: int
+    lm_batch: int
+    # LoRA bag step time
+    lora_tensors: int
+    lora_reps: int
+    noise_seed: int = 1  # the extra seed of the reference optimizer (seed-noise estimate)
+    tasks: tuple[str, ...] = ("diffusion", "images", "lm")
+    constant_tasks: tuple[str, ...] = ("diffusion",)
+
+
+PROFILES: dict[str, Profile] = {
+    # a laptop CPU: the default set in a few minutes on 2 cores
+    "quick": Profile("quick", seeds=(0,), width=16, steps=240, batch=8,
+                     resolutions=(8, 12, 16), checkpoints=8, eval_draws=4, sample_steps=25,
+                     lm_width=48, lm_layers=2, lm_steps=240, lm_batch=16,
+                     lora_tensors=512, lora_reps=20),
+    # the upstream protocol sizes (C=128, N=2000, two seeds, 64x64 images): meant for a GPU
+    "full": Profile("full", seeds=(0, 1), width=128, steps=2000, batch=8,
+                    resolutions=(32, 48, 64), checkpoints=16, eval_draws=8, sample_steps=100,
+                    lm_width=256, lm_layers=4, lm_steps=2000, lm_batch=32,
+                    lora_tensors=512, lora_reps=50),
+    # for tests: seconds end to end
+    "tiny": Profile("tiny", seeds=(0,), width=8, steps=12, batch=4,
+                    resolutions=(8,), checkpoints=2, eval_draws=1, sample_steps=4,
+                    lm_width=16, lm_layers=1, lm_steps=12, lm_batch=4,
+                    lora_tensors=16, lora_reps=3),
+}
+
+
+@dataclass
+class RunRecord:
+    """One training run of one optimizer on one task."""
+
+    task: str
+    schedule: str
+    seed: int
+    lr: float
+    steps: list[int] = field(default_factory=list)
+    heldout: list[float] = field(default_factory=list)
+    train: list[float] = field(default_factory=list)
+    ms_per_step: float = math.nan
+    bytes_per_param: float = math.nan
+    diverged: bool = False
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final_heldout(self) -> float:
+        return self.heldout[-1] if self.heldout and not self.diverged else math.inf
+
+    @property
+    def final_train(self) -> float:
+        return self.train[-1] if self.train and not self.diverged else math.inf
+
+    @property
+    def gap(self) -> float:
+        if self.diverged or not self.heldout:
+            return math.inf
+        return self.heldout[-1] - self.train[-1]
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("heldout", "train"):
+            data[key] = [None if not math.isfinite(v) else v for v in data[key]]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunRecord:
+        data = dict(data)
+        for key in ("heldout", "train"):
+            data[key] = [math.inf if v is None else v for v in data.get(key, [])]
+        return cls(**data)
+
+
+def rex_multiplier(progress: float, d: float = 0.9) -> float:
+    """The REX schedule: ``(1 - p) / ((1 - d) + d (1 - p))`` at progress ``p`` in [0, 1]."""
+    rest = 1.0 - progress
+    return rest / ((1.0 - d) + d * rest)
+
+
+def state_bytes_per_param(opt: torch.optim.Optimizer, model: nn.Module) -> float:
+    """Bytes of every tensor in the optimizer state (``.inner`` of wrappers included) divided
+    by the number of trainable parameters."""
+    seen: set[int] = set()
+    total = 0
+    stack: list[Any] = [opt]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        for state in getattr(current, "state", {}).values():
+            values = state.values() if isinstance(state, dict) else [state]
+            for value in values:
+                if isinstance(value, torch.Tensor):
+                    total += value.numel() * value.element_size()
+        for attribute in ("inner", "optimizer", "base_optimizer"):
+            inner = getattr(current, attribute, None)
+            if isinstance(inner, torch.optim.Optimizer):
+                stack.append(inner)
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total / max(count, 1)
+
+
+def _set_mode(opt: torch.optim.Optimizer, training: bool) -> None:
+    method = getattr(opt, "train" if training else "eval", None)
+    if callable(method) and hasattr(opt, "eval") and hasattr(opt, "train"):
+        method()
+
+
+def train(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    *,
+    steps: int,
+    schedule: str,
+    loss_at_step: Callable[[int], torch.Tensor],
+    evaluate: Callable[[], tuple[float, float]],
+    checkpoints: int,
+    record: RunRecord,
+    progress: Callable[[int], None] | None = None,
+    warmup_timing: int = 10,
+) -> RunRecord:
+    """Train for ``steps`` steps and fill ``record``.
+
+    ``loss_at_step(i)`` computes the training loss of step ``i`` (gradients are taken here);
+    ``evaluate()`` returns ``(train_split_loss, heldout_loss)`` and is run, bracketed by
+    ``opt.eval()`` / ``opt.train()`` when the optimizer has both, at ``checkpoints`` evenly
+    spaced steps (the last one included). ``schedule`` is ``"rex"`` or ``"constant"``; each
+    group's own base lr is scaled, so per-group ratios survive. A non-finite loss stops the run
+    and marks it diverged.
+    """
+    if schedule not in ("rex", "constant"):
+        raise ValueError(f"schedule must be 'rex' or 'constant'; got {schedule!r}")
+    base = [group["lr"] for group in opt.param_groups]
+    marks = sorted({max(1, round(steps * (k + 1) / checkpoints)) for k in range(checkpoints)})
+    times: list[float] = []
+    started = time.perf_counter()
+    for step in range(steps):
+        if schedule == "rex":
+            factor = rex_multiplier(step / steps)
+            for group, lr in zip(opt.param_groups, base):
+                group["lr"] = lr * factor
+        tick = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = loss_at_step(step)
+        if not torch.isfinite(loss):
+            record.diverged = True
+            break
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - tick)
+        if step + 1 in marks:
+            _set_mode(opt, False)
+            model.eval()
+            with torch.no_grad():
+                train_loss, heldout = evaluate()
+            model.train()
+            _set_mode(opt, True)
+            if not (math.isfinite(train_loss) and math.isfinite(heldout)):
+                record.diverged = True
+                break
+            record.steps.append(step + 1)
+            record.train.append(train_loss)
+            record.heldout.append(heldout)
+        if progress is not None:
+            progress(1)
+    timed = sorted(times[warmup_timing:] or times)
+    record.ms_per_step = 1e3 * timed[len(timed) // 2] if timed else math.nan
+    record.bytes_per_param = state_bytes_per_param(opt, model)
+    record.seconds = time.perf_counter() - started
+    return record

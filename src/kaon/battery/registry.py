@@ -1,0 +1,204 @@
+"""The battery's optimizer registry: adding an optimizer is one :class:`Entry`.
+
+An entry names a constructor (``factory(model, lr) -> optimizer``), the learning rates of its
+scheduled and constant-LR runs (per task family, since a transformer LM and a conv UNet want
+different rates), a family and a one-line blurb. kaon entries build their optimizer with
+:func:`kaon.build_optimizer`, so every optimizer gets the same model-aware groups (no weight
+decay on biases and norms; Muon routing for Muon-style optimizers). Peers from other packages run
+when their package is installed (``requires``) and are skipped with a note otherwise.
+
+The learning rates are those of these small proxy tasks (found by sweeps on the quick profile),
+not recommendations for real models.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Entry", "ENTRIES", "REFERENCE", "entry_from_spec", "select", "lr_for"]
+
+Factory = Callable[[nn.Module, float], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One optimizer configuration of the battery."""
+
+    name: str
+    factory: Factory = field(repr=False)
+    lr: float | Mapping[str, float]
+    lr_const: float | Mapping[str, float] | None = None
+    family: str = "kaon"  # "kaon", "reference" (torch), "peer" (other packages) or "custom"
+    blurb: str = ""
+    requires: str | None = None  # "module" or "module:attribute" that must exist to run
+    default: bool = True  # part of the default set
+    config: str = ""  # the configuration as text (part of the cache key)
+
+    def available(self) -> tuple[bool, str]:
+        """Whether the entry can run here, and why not."""
+        if self.requires:
+            module, _, attribute = self.requires.partition(":")
+            try:
+                found = importlib.import_module(module)
+            except Exception as error:  # noqa: BLE001 - any import failure means "not here"
+                return False, f"{module} is not importable ({type(error).__name__})"
+            if attribute and not hasattr(found, attribute):
+                return False, f"{module} has no {attribute}"
+        return True, ""
+
+    def make(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        return self.factory(model, lr)
+
+
+def lr_for(entry: Entry, family: str, constant: bool = False) -> float:
+    """The entry's learning rate for a task family (``constant``: its constant-LR rate)."""
+    value = entry.lr_const if constant and entry.lr_const is not None else entry.lr
+    if isinstance(value, Mapping):
+        return float(value.get(family, value.get("default", next(iter(value.values())))))
+    return float(value)
+
+
+def _build(model: nn.Module, cls: type, lr: float, kwargs: dict[str, Any]
+           ) -> torch.optim.Optimizer:
+    from kaon.grouping import build_optimizer
+
+    return build_optimizer(model, cls, lr=lr, **kwargs)
+
+
+def _kaon(name: str, **kwargs: Any) -> tuple[Factory, str]:
+    def factory(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        import kaon
+
+        return _build(model, getattr(kaon, name), lr, kwargs)
+
+    text = name + ("(" + ", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items())) + ")"
+                   if kwargs else "")
+    return factory, text
+
+
+def _class(path: str, **kwargs: Any) -> tuple[Factory, str]:
+    module_name, _, class_name = path.rpartition(".")
+
+    def factory(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+
+        cls = getattr(importlib.import_module(module_name), class_name)
+        return _build(model, cls, lr, kwargs)
+
+    text = path + ("(" + ", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items())) + ")"
+                   if kwargs else "")
+    return factory, text
+
+
+def _entry(name: str, made: tuple[Factory, str], lr, **options: Any) -> Entry:
+    factory, config = made
+    if options.get("family", "kaon") == "kaon":
+        options.setdefault("requires", "kaon:" + config.partition("(")[0])
+    return Entry(name, factory, lr, config=config, **options)
+
+
+REFERENCE = "torch.AdamW"
+
+#: diffusion and LM learning rates of the proxy tasks
+ENTRIES: list[Entry] = [
+    _entry(REFERENCE, _class("torch.optim.AdamW", weight_decay=0.01),
+           {"diffusion": 3e-3, "lm": 1e-2}, family="reference",
+           blurb="torch.optim.AdamW: 8 B/param, the baseline"),
+    _entry("Adakaon-bf16", _kaon("Adakaon"), {"diffusion": 3e-3, "lm": 1e-2},
+           blurb="factored second moment, bf16 momentum (kaon's default)"),
+    _entry("Adakaon-nomom", _kaon("Adakaon", betas=(0.0, 0.999), cautious=False),
+           {"diffusion": 3e-3, "lm": 1e-2},
+           blurb="no momentum: the least memory (~0.03 B/param)"),
+    _entry("Nekaon", _kaon("Nekaon"), {"diffusion": 3e-3, "lm": 1e-2},
+           blurb="Adakaon + negative-momentum lookahead, 4-bit momentum"),
+    _entry("Lion", _kaon("Lion", betas=(0.95, 0.98)), {"diffusion": 1e-3, "lm": 3e-3},
+           blurb="sign of the interpolated momentum, bf16 momentum"),
+    _entry("AdaPNM", _kaon("AdaPNM"), {"diffusion": 3e-3, "lm": 1e-2},
+           blurb="positive-negative momentum, factored second moment"),
+    _entry("AdaMuon", _kaon("AdaMuon", momentum_dtype="int8"), {"diffusion": 3e-3, "lm": 1e-2},
+           blurb="Newton-Schulz on the momentum, factored normalization, int8 momentum"),
+    _entry("AdamW-int8", _kaon("AdamW", state_dtype="int8", weight_decay=0.01),
+           {"diffusion": 3e-3, "lm": 1e-2}, blurb="kaon AdamW, int8 moments"),
+    _entry("Muon", _kaon("Muon"), {"diffusion": 2e-2, "lm": 2e-2},
+           blurb="orthogonalized momentum on hidden matrices, AdamW on the rest"),
+    _entry("ScheduleFreeAdamW", _kaon("ScheduleFreeAdamW"), {"diffusion": 5e-3, "lm": 1e-2},
+           blurb="schedule-free AdamW (its own averaging; no schedule needed)"),
+    _entry("OAdamW", _kaon("OAdamW"), {"diffusion": 3e-3, "lm": 1e-2},
+           blurb="StableAdamW core with optional Muon groups"),
+    _entry("KProdigy", _kaon("KProdigy"), 1.0, blurb="parameter-free Prodigy, D per group"),
+    # peers: run when their package is installed
+    _entry("bnb AdamW8bit", _class("bitsandbytes.optim.AdamW8bit"), 3e-3, family="peer",
+           requires="bitsandbytes", default=False, blurb="bitsandbytes 8-bit AdamW"),
+    _entry("torchao AdamW8bit", _class("torchao.optim.AdamW8bit"), 3e-3, family="peer",
+           requires="torchao", default=False, blurb="torchao 8-bit AdamW"),
+    _entry("torchao AdamW4bit", _class("torchao.optim.AdamW4bit"), 3e-3, family="peer",
+           requires="torchao", default=False, blurb="torchao 4-bit AdamW"),
+    _entry("Prodigy", _class("prodigyopt.Prodigy"), 1.0, family="peer", requires="prodigyopt",
+           default=False, blurb="prodigyopt.Prodigy (reference)"),
+    _entry("schedulefree AdamW", _class("schedulefree.AdamWScheduleFree"), 5e-3, family="peer",
+           requires="schedulefree", default=False, blurb="schedulefree.AdamWScheduleFree"),
+    _entry("CAME", _class("came_pytorch.CAME"), 3e-3, family="peer", requires="came_pytorch",
+           default=False, blurb="came-pytorch CAME"),
+    _entry("optimi StableAdamW", _class("optimi.StableAdamW"), 3e-3, family="peer",
+           requires="optimi", default=False, blurb="torch-optimi StableAdamW"),
+]
+
+
+def select(only: str | None = None, entries: list[Entry] | None = None) -> list[Entry]:
+    """The default set, or the entries named in ``only`` (comma-separated, case-insensitive;
+    ``peers`` adds every peer, ``all`` everything)."""
+    pool = ENTRIES if entries is None else entries
+    if not only:
+        return [e for e in pool if e.default]
+    wanted = [w.strip().lower() for w in only.split(",") if w.strip()]
+    chosen: list[Entry] = []
+    for word in wanted:
+        if word == "all":
+            matches = list(pool)
+        elif word == "peers":
+            matches = [e for e in pool if e.family == "peer"]
+        else:
+            matches = [e for e in pool if e.name.lower() == word]
+            if not matches:
+                known = ", ".join(e.name for e in pool)
+                raise ValueError(f"--only: unknown battery entry {word!r}; known: {known}, "
+                                 "peers, all")
+        chosen += [e for e in matches if e not in chosen]
+    return chosen
+
+
+def entry_from_spec(spec: str, args: str = "") -> Entry:
+    """An entry for ``--optimizer module:Class`` with an argument string (``"lr=1e-3,..."``).
+
+    ``lr`` (default 1e-3) is the learning rate of every task; ``lr_const`` (default ``lr``)
+    that of the constant-LR runs; the other arguments go to the constructor. The class is
+    built with :func:`kaon.build_optimizer`, like every other entry.
+    """
+    from kaon import registry
+
+    module_name, sep, class_name = spec.partition(":")
+    if not sep or not module_name or not class_name:
+        raise ValueError(f"--optimizer must be module:Class (e.g. torch.optim:SGD); got {spec!r}")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"--optimizer {spec!r}: {error}") from None
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise TypeError(f"--optimizer {spec!r} is not a torch.optim.Optimizer subclass")
+    kwargs = registry.parse_kwargs(args)
+    lr = float(kwargs.pop("lr", 1e-3))
+    lr_const = float(kwargs.pop("lr_const", lr))
+
+    def factory(model: nn.Module, rate: float) -> torch.optim.Optimizer:
+
+        return _build(model, cls, rate, kwargs)
+
+    config = f"{spec}({args})" if args else spec
+    name = f"{class_name}({args})" if args else class_name
+    return Entry(name, factory, lr, lr_const, family="custom", blurb=f"user optimizer {spec}",
+                 config=config)
