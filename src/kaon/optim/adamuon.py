@@ -13,7 +13,7 @@ from kaon.engine import Batch, Slot
 from kaon.optimizer import KaonOptimizer
 from kaon.precision import BF16_METHODS
 from kaon.state import factored
-from kaon.state.codecs import MOMENTUM_DTYPES, FloatCodec, momentum_codec
+from kaon.state.codecs import MOMENTUM_DTYPES, momentum_codec
 from kaon.validation import boolean, choice, integer, pair, real
 
 __all__ = ["AdaMuon"]
@@ -186,10 +186,7 @@ class AdaMuon(KaonOptimizer):
         return factored.matrix_shape(tuple(p.shape))
 
     def state_slots(self, p: Tensor, group: dict[str, Any], view: tuple[int, ...]) -> list[Slot]:
-        if len(view) == 2:
-            slots = [Slot("row", FloatCodec(), view[:1]), Slot("col", FloatCodec(), view[1:])]
-        else:
-            slots = [Slot("v", FloatCodec(), view)]
+        slots = factored.second_moment_slots(view)
         if group["betas"][0] > 0:
             codec = momentum_codec(group["momentum_dtype"], group["momentum_4bit_block"])
             slots.append(Slot("m", codec, view))

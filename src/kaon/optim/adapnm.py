@@ -152,12 +152,9 @@ class AdaPNM(KaonOptimizer):
         return factored.matrix_shape(tuple(p.shape))
 
     def state_slots(self, p: Tensor, group: dict[str, Any], view: tuple[int, ...]) -> list[Slot]:
-        if len(view) == 2:
-            slots = [Slot("row", FloatCodec(), view[:1]), Slot("col", FloatCodec(), view[1:])]
-        else:
-            slots = [Slot("v", FloatCodec(), view)]
-            if group["ams_bound"]:
-                slots.append(Slot("v_max", FloatCodec(), view))
+        slots = factored.second_moment_slots(view)
+        if len(view) != 2 and group["ams_bound"]:
+            slots.append(Slot("v_max", FloatCodec(), view))
         codec = momentum_codec(group["momentum_dtype"], group["momentum_4bit_block"])
         slots += [Slot("m_pos", codec, view), Slot("m_neg", codec, view),
                   Slot("step", FloatCodec(), (1,))]

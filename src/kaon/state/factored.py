@@ -14,7 +14,7 @@ from torch import Tensor
 
 from kaon import ops
 
-__all__ = ["matrix_shape", "update_moments", "inverse_sqrt_factors"]
+__all__ = ["matrix_shape", "second_moment_slots", "update_moments", "inverse_sqrt_factors"]
 
 
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -22,6 +22,17 @@ def matrix_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     if len(shape) >= 2:
         return (shape[0], math.prod(shape[1:]))
     return (max(1, math.prod(shape)),)
+
+
+def second_moment_slots(view: tuple[int, ...]) -> list:
+    """The fp32 second-moment slots of a view: ``row`` ``[R]`` and ``col`` ``[C]`` for a matrix
+    view, else ``v`` shaped like the view."""
+    from kaon.engine import Slot
+    from kaon.state.codecs import FloatCodec
+
+    if len(view) == 2:
+        return [Slot("row", FloatCodec(), view[:1]), Slot("col", FloatCodec(), view[1:])]
+    return [Slot("v", FloatCodec(), view)]
 
 
 def update_moments(
