@@ -103,3 +103,16 @@ def test_nekaon_page():
     _documents_every_argument_and_key(
         "nekaon.md", kaon.Nekaon, ["row", "col", "v", "m", "m_scale", "shift", "climb"])
     assert _run_blocks("nekaon.md", only_last=True)["opt"].training
+
+
+def test_readme_examples_run():
+    import kaon
+
+    text = (DOCS.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 2
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert isinstance(namespace["opt"], kaon.Lion)
+    assert len(namespace["opt"].param_groups) >= 2

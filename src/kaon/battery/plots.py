@@ -61,12 +61,15 @@ def _curves(plt, rows, out: Path) -> Path:
               ("faces (LFW photographs)", "steps", "images_trajectory"),
               ("language model", "lm_steps", "lm_trajectory")]
     fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    colors = plt.get_cmap("tab20")
+    markers = "os^vD<>pPX*h"
     for ax, (title, steps_key, key) in zip(axes, panels):
-        for row in rows:
+        for i, row in enumerate(rows):
             values = row.get(key) or []
             steps = row.get(steps_key) or row.get("steps") or []
             if values and len(values) == len(steps):
-                ax.plot(steps, values, marker=".", label=row["name"])
+                ax.plot(steps, values, marker=markers[i % len(markers)], markersize=3,
+                        color=colors(i % 20), label=row["name"])
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.set_ylabel("held-out loss")
