@@ -201,3 +201,32 @@ def test_raise_policy_accepts_large_finite_gradients():
     p.grad[0, 0] = float("nan")
     with pytest.raises(FloatingPointError):
         opt._check_gradients([p])
+
+
+def test_nonfinite_policy_none_does_not_check():
+    """'none' is torch's behaviour: no check, the non-finite value reaches the weights."""
+    p = torch.nn.Parameter(torch.ones(4, 4))
+    opt = kaon.Adakaon([p], lr=1e-2, nonfinite_grad="none")
+    p.grad = torch.ones(4, 4)
+    p.grad[0, 0] = float("nan")
+    opt.step()
+    assert not torch.isfinite(p).all()
+    with pytest.raises(ValueError, match="nonfinite_grad"):
+        kaon.Adakaon([p], nonfinite_grad="ignore")
+
+
+def test_adamw_fused_path_with_policy_none_equals_torch_fused():
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(8, 16)), torch.nn.Parameter(torch.randn(16))]
+    b = [torch.nn.Parameter(t.detach().clone()) for t in a]
+    ours = kaon.AdamW(a, lr=1e-2, weight_decay=0.1, nonfinite_grad="none")
+    theirs = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.1, fused=True)
+    for i in range(5):
+        gen = torch.Generator().manual_seed(i)
+        for x, y in zip(a, b):
+            x.grad = torch.randn(x.shape, generator=gen)
+            y.grad = x.grad.clone()
+        ours.step()
+        theirs.step()
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)

@@ -22,7 +22,7 @@ from kaon.validation import Check, check_all, choice, integer
 
 __all__ = ["KaonOptimizer", "NONFINITE_POLICIES"]
 
-NONFINITE_POLICIES = ("skip", "raise")
+NONFINITE_POLICIES = ("skip", "raise", "none")
 _CHECKPOINT_KEY = "kaon"
 _MAX_SEED = 2**63 - 1
 
@@ -40,12 +40,14 @@ class KaonOptimizer(torch.optim.Optimizer):
     foreach_stack_budget (int | None, default None)
         Maximum elements per stacked chunk; ``None`` derives it from the device (see
         :func:`kaon.engine.stack_budget`).
-    nonfinite_grad ("skip" | "raise", default "skip")
+    nonfinite_grad ("skip" | "raise" | "none", default "skip")
         What a gradient containing NaN or Inf does. ``"skip"``: that parameter's weights and state
         are left exactly as they were for this step (decided per tensor on the device, without a
         host sync); the other parameters step normally. ``"raise"``: check every gradient first
         and raise ``FloatingPointError`` naming the parameter before anything changes (one host
-        sync per step).
+        sync per step). ``"none"``: no check, as in ``torch.optim`` (a non-finite gradient then
+        reaches the weights and the state); it saves the one read of the gradients the check
+        costs, for trainers that already skip such steps themselves (AMP's GradScaler does).
     seed (int | None, default None)
         Seed of the stochastic-rounding random stream; ``None`` takes ``torch.initial_seed()``.
         The stream's state is saved in ``state_dict()``.
