@@ -124,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="add your own optimizer, e.g. --optimizer torch.optim:SGD "
                    "'lr=0.05,momentum=0.9' (lr and lr_const set its learning rates; repeatable)")
     t.add_argument("--seeds", metavar="S,...", help="seeds instead of the profile's (e.g. 0,1)")
-    t.add_argument("--device", choices=["cpu"], default="cpu", help="default cpu")
+    t.add_argument("--device", default="cpu", metavar="DEVICE",
+                   help="cpu (default) or cuda / cuda:N; the full profile is meant for a GPU")
     t.add_argument("--threads", type=_positive, metavar="N",
                    help="torch.set_num_threads(N) (default 1: tiny models run fastest on one "
                    "thread, and results depend on the thread count)")
@@ -148,7 +149,7 @@ def _battery(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.list:
         for entry in battery.ENTRIES:
             ok, why = entry.available()
-            mark = "default" if entry.default else ("peer" if ok else f"not here: {why}")
+            mark = "default" if entry.default else ("optional" if ok else f"not here: {why}")
             print(f"{entry.name:22s} {entry.family:9s} {mark:9s} {entry.blurb}")
         return 0
     try:

@@ -175,6 +175,9 @@ def train(
     if schedule not in ("rex", "constant"):
         raise ValueError(f"schedule must be 'rex' or 'constant'; got {schedule!r}")
     base = [group["lr"] for group in opt.param_groups]
+    first = next(model.parameters(), None)
+    on_cuda = first is not None and first.device.type == "cuda"
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     marks = sorted({max(1, round(steps * (k + 1) / checkpoints)) for k in range(checkpoints)})
     times: list[float] = []
     started = time.perf_counter()
@@ -183,15 +186,17 @@ def train(
             factor = rex_multiplier(step / steps)
             for group, lr in zip(opt.param_groups, base):
                 group["lr"] = lr * factor
+        sync()
         tick = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = loss_at_step(step)
+        loss.backward()
+        opt.step()
+        sync()
+        times.append(time.perf_counter() - tick)
         if not torch.isfinite(loss):
             record.diverged = True
             break
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - tick)
         if step + 1 in marks:
             _set_mode(opt, False)
             model.eval()

@@ -78,13 +78,14 @@ def ddim_samples(model: nn.Module, size: int, steps: int, bars: Tensor,
                  count: int = SAMPLES, seed: int = 777) -> Tensor:
     """Deterministic DDIM (eta = 0) samples ``[count, 1, size, size]`` from fixed noise."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(count, 1, size, size, generator=gen)
-    times = torch.linspace(bars.shape[0] - 1, 0, steps).round().long()
+    device = bars.device
+    x = torch.randn(count, 1, size, size, generator=gen).to(device)
+    times = torch.linspace(bars.shape[0] - 1, 0, steps).round().long().to(device)
     for i, t in enumerate(times):
         a = bars[t]
         eps = model(x, t.repeat(count))
         x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp_(-4.0, 4.0)
-        a_next = bars[times[i + 1]] if i + 1 < len(times) else torch.tensor(1.0)
+        a_next = bars[times[i + 1]] if i + 1 < len(times) else torch.ones((), device=device)
         x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
     return x
 
@@ -114,11 +115,13 @@ class DiffusionTask:
 
     def run(self, make: Callable[[nn.Module, float], torch.optim.Optimizer], lr: float, *,
             schedule: str, seed: int, profile: Profile,
-            progress: Callable[[int], None] | None = None) -> RunRecord:
-        data = self.data(profile.resolutions)
+            progress: Callable[[int], None] | None = None,
+            device: torch.device | str = "cpu") -> RunRecord:
+        device = torch.device(device)
+        data = {size: images.to(device) for size, images in self.data(profile.resolutions).items()}
         top = max(profile.resolutions)
-        bars = alpha_bars(TIMESTEPS)
-        model = build_denoiser(profile.width, seed)
+        bars = alpha_bars(TIMESTEPS).to(device)
+        model = build_denoiser(profile.width, seed).to(device)
         opt = make(model, lr)
         sizes = resolution_schedule(profile.steps, profile.resolutions)
         gen = torch.Generator().manual_seed(seed + 12345)
@@ -128,10 +131,10 @@ class DiffusionTask:
             start = (step * profile.batch) % TRAIN_IMAGES
             if start < profile.batch or not orders:
                 orders.append(torch.randperm(TRAIN_IMAGES, generator=gen))
-            index = orders[-1][start:start + profile.batch]
+            index = orders[-1][start:start + profile.batch].to(device)
             x0 = data[sizes[step]][:TRAIN_IMAGES][index]
-            t = torch.randint(0, TIMESTEPS, (x0.shape[0],), generator=gen)
-            noise = torch.randn(x0.shape, generator=gen)
+            t = torch.randint(0, TIMESTEPS, (x0.shape[0],), generator=gen).to(device)
+            noise = torch.randn(x0.shape, generator=gen).to(device)
             return _noise_loss(model, x0, t, noise, bars)
 
         def evaluate_both() -> tuple[float, float]:
@@ -149,7 +152,7 @@ class DiffusionTask:
                 opt.eval()
             model.eval()
             samples = ddim_samples(model, top, profile.sample_steps, bars)
-            record.extra["samples"] = [[round(v, 3) for v in img.flatten().tolist()]
+            record.extra["samples"] = [[round(v, 3) for v in img.flatten().cpu().tolist()]
                                        for img in samples]
             record.extra["sample_size"] = top
         return record

@@ -87,7 +87,8 @@ class TinyTransformer(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         length = tokens.shape[1]
         x = self.embed(tokens) + self.position[:length]
-        mask = torch.triu(torch.full((length, length), float("-inf")), diagonal=1)
+        mask = torch.triu(torch.full((length, length), float("-inf"), device=tokens.device),
+                          diagonal=1)
         for block in self.blocks:
             x = block(x, mask)
         return self.lm_head(self.norm(x))
@@ -118,8 +119,11 @@ class LanguageModelTask:
 
     def run(self, make: Callable[[nn.Module, float], torch.optim.Optimizer], lr: float, *,
             schedule: str, seed: int, profile: Profile,
-            progress: Callable[[int], None] | None = None) -> RunRecord:
-        model = self.build(profile, seed)
+            progress: Callable[[int], None] | None = None,
+            device: torch.device | str = "cpu") -> RunRecord:
+        device = torch.device(device)
+        model = self.build(profile, seed).to(device)
+        train_split, heldout_split = self.train_split.to(device), self.heldout_split.to(device)
         opt = make(model, lr)
         gen = torch.Generator().manual_seed(seed + 12345)
         order = torch.cat([torch.randperm(TRAIN_SEQUENCES, generator=gen)
@@ -127,11 +131,11 @@ class LanguageModelTask:
                                                     / TRAIN_SEQUENCES) + 1)])
 
         def loss_at_step(step: int) -> torch.Tensor:
-            index = order[step * profile.lm_batch:(step + 1) * profile.lm_batch]
-            return _loss(model, self.train_split[index])
+            index = order[step * profile.lm_batch:(step + 1) * profile.lm_batch].to(device)
+            return _loss(model, train_split[index])
 
         def evaluate() -> tuple[float, float]:
-            return (float(_loss(model, self.train_split)), float(_loss(model, self.heldout_split)))
+            return (float(_loss(model, train_split)), float(_loss(model, heldout_split)))
 
         record = RunRecord(self.name, schedule, seed, lr,
                            extra={"entropy_floor": self.language.entropy_rate()})

@@ -59,7 +59,8 @@ class Context:
                 f"threads-{self.threads}")
 
     def describe(self) -> str:
-        device = (torch.cuda.get_device_name(0) if self.device.startswith("cuda")
+        device = (torch.cuda.get_device_name(torch.device(self.device))
+                  if self.device.startswith("cuda")
                   else f"CPU {machine_name()}, {self.threads} thread(s)")
         return (f"profile {self.profile}; {device}; torch {self.torch}; kaon {self.kaon}; "
                 f"Python {platform.python_version()}")
@@ -153,8 +154,8 @@ def run_battery(
         torch.set_num_threads(threads)
     context = Context(prof.name, device, torch.get_num_threads())
     cache = Cache.load(out / "cache.json")
-    if device != "cpu":
-        raise ValueError("the battery runs on the CPU in this version (--device cpu)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available on this machine")
     tasks = make_tasks(prof)
     skipped: dict[str, str] = {}
     todo: list[tuple[Entry, Any, str, int]] = []
@@ -182,12 +183,12 @@ def run_battery(
         try:
             if task is None:
                 record["lora_ms"] = time_lora_bag(entry.make, lr_for(entry, "lm"),
-                                                  prof.lora_tensors, prof.lora_reps)
+                                                  prof.lora_tensors, prof.lora_reps, device)
                 bar.update(1)
             else:
                 lr = lr_for(entry, task.family, constant=schedule == "constant")
                 run = task.run(entry.make, lr, schedule=schedule, seed=seed, profile=prof,
-                               progress=bar.update)
+                               progress=bar.update, device=device)
                 record["runs"][f"{task.name}/{schedule}/{seed}"] = run.to_json()
         except Exception as error:  # noqa: BLE001 - one failing optimizer must not stop the rest
             record.setdefault("errors", {})[label] = f"{type(error).__name__}: {error}"

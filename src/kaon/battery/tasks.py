@@ -65,7 +65,8 @@ def make_images(count: int, size: int = 16, seed: int = 7, waves: int = 4,
 def _time_embedding(t: Tensor, dim: int) -> Tensor:
     """Sinusoidal embedding of timesteps ``t`` (int) ``[B] -> [B, dim]``."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32,
+                                                         device=t.device) / half)
     angles = t.float()[:, None] * freqs[None, :]
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
@@ -145,8 +146,8 @@ def evaluate(model: nn.Module, images: Tensor, bars: Tensor, draws: int = 8,
         gen = torch.Generator().manual_seed(seed + j)
         offset = torch.rand((), generator=gen).item()
         t = ((torch.arange(n) + offset) * steps / n).long().clamp_(0, steps - 1)
-        t = t[torch.randperm(n, generator=gen)]
-        noise = torch.randn(images.shape, generator=gen)
+        t = t[torch.randperm(n, generator=gen)].to(images.device)
+        noise = torch.randn(images.shape, generator=gen).to(images.device)
         total += _noise_loss(model, images, t, noise, bars).item()
     return total / draws
 
