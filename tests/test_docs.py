@@ -116,3 +116,15 @@ def test_readme_examples_run():
         exec(compile(block, "README.md", "exec"), namespace)
     assert isinstance(namespace["opt"], kaon.Lion)
     assert len(namespace["opt"].param_groups) >= 2
+
+
+def test_recipes_run():
+    import kaon
+
+    text = (DOCS / "recipes.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 4
+    for block in blocks:
+        namespace: dict = {}
+        exec(compile(block, "docs/recipes.md", "exec"), namespace)
+        assert isinstance(namespace["opt"], kaon.KaonOptimizer)
