@@ -151,3 +151,21 @@ def test_cli_lists_entries_and_rejects_bad_arguments(capsys, tmp_path):
     assert "unknown battery entry" in capsys.readouterr().err
     assert main(["battery", "--optimizer", "nosuchmodule:Foo", "--out", str(tmp_path)]) == 2
     assert main(["battery", "--optimizer", "torch.optim", "--out", str(tmp_path)]) == 2
+
+
+def test_changed_learning_rate_is_remeasured_and_the_old_runs_are_stale(tmp_path, monkeypatch):
+    import dataclasses
+
+    from kaon.battery import registry
+
+    old = select("Adakaon-nomom")[0]
+    battery.run_battery([old], profile="tiny", out=tmp_path, progress=False, log=lambda _: None)
+    new = dataclasses.replace(old, lr={"diffusion": 1e-3, "lm": 1e-3})
+    monkeypatch.setattr(registry, "ENTRIES", [new])
+    logs: list[str] = []
+    payload = battery.run_battery([new], profile="tiny", out=tmp_path, progress=False,
+                                  log=logs.append)
+    assert any("measured" in line for line in logs)
+    assert [row["name"] for row in payload["rows"]] == ["Adakaon-nomom"]
+    assert payload["stale"] == ["Adakaon-nomom"]
+    assert "Stale cache entries" in (tmp_path / "report.md").read_text()

@@ -144,9 +144,11 @@ def state_bytes_per_param(opt: torch.optim.Optimizer, model: nn.Module) -> float
     return total / max(count, 1)
 
 
-def _set_mode(opt: torch.optim.Optimizer, training: bool) -> None:
+def set_mode(opt: torch.optim.Optimizer, training: bool) -> None:
+    """``opt.train()`` / ``opt.eval()`` when the optimizer has both (else nothing)."""
     method = getattr(opt, "train" if training else "eval", None)
-    if callable(method) and hasattr(opt, "eval") and hasattr(opt, "train"):
+    if callable(method) and callable(getattr(opt, "eval", None)) and callable(
+            getattr(opt, "train", None)):
         method()
 
 
@@ -174,6 +176,7 @@ def train(
     """
     if schedule not in ("rex", "constant"):
         raise ValueError(f"schedule must be 'rex' or 'constant'; got {schedule!r}")
+    set_mode(opt, True)  # schedulefree's reference optimizers start in eval mode
     base = [group["lr"] for group in opt.param_groups]
     first = next(model.parameters(), None)
     on_cuda = first is not None and first.device.type == "cuda"
@@ -198,12 +201,12 @@ def train(
             record.diverged = True
             break
         if step + 1 in marks:
-            _set_mode(opt, False)
+            set_mode(opt, False)
             model.eval()
             with torch.no_grad():
                 train_loss, heldout = evaluate()
             model.train()
-            _set_mode(opt, True)
+            set_mode(opt, True)
             if not (math.isfinite(train_loss) and math.isfinite(heldout)):
                 record.diverged = True
                 break

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional
 
-from kaon.battery.core import Profile, RunRecord, train
+from kaon.battery.core import Profile, RunRecord, set_mode, train
 from kaon.battery.tasks import _noise_loss, alpha_bars, build_denoiser, evaluate, make_images
 
 __all__ = ["DiffusionTask", "resolution_schedule", "ddim_samples", "face_images"]
@@ -147,9 +147,7 @@ class DiffusionTask:
               evaluate=evaluate_both, checkpoints=profile.checkpoints, record=record,
               progress=progress)
         if not record.diverged and schedule == "rex" and seed == profile.seeds[0]:
-            mode = getattr(opt, "eval", None)
-            if callable(mode) and callable(getattr(opt, "train", None)):
-                opt.eval()
+            set_mode(opt, False)
             model.eval()
             samples = ddim_samples(model, top, profile.sample_steps, bars)
             record.extra["samples"] = [[round(v, 3) for v in img.flatten().cpu().tolist()]

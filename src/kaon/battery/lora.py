@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from kaon.battery.core import set_mode
+
 __all__ = ["LoraBag", "time_lora_bag"]
 
 RANK, WIDTH = 8, 64
@@ -42,6 +44,7 @@ def time_lora_bag(make: Callable[[nn.Module, float], torch.optim.Optimizer], lr:
     for p in bag.parameters():
         p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device)
     opt = make(bag, lr)
+    set_mode(opt, True)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for i in range(warmup + reps):

@@ -40,6 +40,11 @@ class Entry:
     default: bool = True  # part of the default set
     config: str = ""  # the configuration as text (part of the cache key)
 
+    @property
+    def cache_key(self) -> str:
+        """The configuration and the learning rates: a run is re-measured when either changes."""
+        return f"{self.config} | lr={self.lr!r} | lr_const={self.lr_const!r}"
+
     def available(self) -> tuple[bool, str]:
         """Whether the entry can run here, and why not."""
         if self.requires:
@@ -103,6 +108,9 @@ def _entry(name: str, made: tuple[Factory, str], lr, **options: Any) -> Entry:
 
 
 REFERENCE = "torch.AdamW"
+# peers run at the rates of their kaon counterparts, so the two columns compare like with like
+_ADAMW_LR = {"diffusion": 9e-3, "lm": 3e-2}
+_SF_LR = {"diffusion": 1.5e-2, "lm": 3.3e-3}
 
 #: diffusion and LM learning rates of the proxy tasks: the best of registry lr x {1/9 .. 9} in
 #: benchmarks/battery_lr_sweep.py (quick profile, seed 0; KProdigy stays at its parameter-free
@@ -162,19 +170,19 @@ ENTRIES: list[Entry] = [
            "KProdigy memory recipe (~1.27 B/param on large matrices)"),
       ]],
     # peers: run when their package is installed
-    _entry("bnb AdamW8bit", _class("bitsandbytes.optim.AdamW8bit"), 3e-3, family="peer",
+    _entry("bnb AdamW8bit", _class("bitsandbytes.optim.AdamW8bit"), _ADAMW_LR, family="peer",
            requires="bitsandbytes", default=False, blurb="bitsandbytes 8-bit AdamW"),
-    _entry("torchao AdamW8bit", _class("torchao.optim.AdamW8bit"), 3e-3, family="peer",
+    _entry("torchao AdamW8bit", _class("torchao.optim.AdamW8bit"), _ADAMW_LR, family="peer",
            requires="torchao", default=False, blurb="torchao 8-bit AdamW"),
-    _entry("torchao AdamW4bit", _class("torchao.optim.AdamW4bit"), 3e-3, family="peer",
+    _entry("torchao AdamW4bit", _class("torchao.optim.AdamW4bit"), _ADAMW_LR, family="peer",
            requires="torchao", default=False, blurb="torchao 4-bit AdamW"),
     _entry("Prodigy", _class("prodigyopt.Prodigy"), 1.0, family="peer", requires="prodigyopt",
            default=False, blurb="prodigyopt.Prodigy (reference)"),
-    _entry("schedulefree AdamW", _class("schedulefree.AdamWScheduleFree"), 5e-3, family="peer",
+    _entry("schedulefree AdamW", _class("schedulefree.AdamWScheduleFree"), _SF_LR, family="peer",
            requires="schedulefree", default=False, blurb="schedulefree.AdamWScheduleFree"),
-    _entry("CAME", _class("came_pytorch.CAME"), 3e-3, family="peer", requires="came_pytorch",
+    _entry("CAME", _class("came_pytorch.CAME"), _ADAMW_LR, family="peer", requires="came_pytorch",
            default=False, blurb="came-pytorch CAME"),
-    _entry("optimi StableAdamW", _class("optimi.StableAdamW"), 3e-3, family="peer",
+    _entry("optimi StableAdamW", _class("optimi.StableAdamW", triton=False), _ADAMW_LR, family="peer",
            requires="optimi", default=False, blurb="torch-optimi StableAdamW"),
 ]
 

@@ -217,7 +217,7 @@ def _close_calls(rows: Sequence[dict[str, Any]], noise: dict[str, float] | None)
 
 
 def render(entries: dict[str, Any], context: Any, profile: Profile, out: Path, *,
-           skipped: dict[str, str] | None = None, selected: set[str] | None = None,
+           skipped: dict[str, str] | None = None, stale: Sequence[str] = (),
            log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write ``report.md``, ``results.json`` and the plots into ``out``; print the tables."""
     from kaon.battery import plots
@@ -248,6 +248,10 @@ def render(entries: dict[str, Any], context: Any, profile: Profile, out: Path, *
         "quality; step times depend on the machine and on what else runs on it.", "",
     ]
     problems = [(r["name"], r["diverged"], r["errors"]) for r in rows if r["diverged"] or r["errors"]]
+    shown = {r["config"] for r in rows}
+    problems += [(entry.get("name", config), [], entry["errors"])
+                 for config, entry in entries.items()
+                 if config not in shown and entry.get("errors")]
     problems += [(name, [], {"skipped": why}) for name, why in (skipped or {}).items()]
     if problems:
         lines += ["## Problems", ""]
@@ -257,6 +261,10 @@ def render(entries: dict[str, Any], context: Any, profile: Profile, out: Path, *
             for what, message in errors.items():
                 lines.append(f"- {name}: {what}: {message}")
         lines.append("")
+    if stale:
+        lines += ["## Stale cache entries (not ranked)", "",
+                  "Measured with a configuration or learning rate the registry no longer has: "
+                  + ", ".join(stale) + ".", ""]
     if written:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in written] + [""]
     lines += ["## Optimizers", ""] + [f"- **{r['name']}** ({r['family']}): {r['blurb']}; "
@@ -265,7 +273,7 @@ def render(entries: dict[str, Any], context: Any, profile: Profile, out: Path, *
     payload = {"context": context.describe(), "profile": profile.name,
                "target": results["target"], "noise": results["noise"],
                "rows": [{k: v for k, v in r.items() if k != "samples"} for r in rows],
-               "skipped": skipped or {}}
+               "skipped": skipped or {}, "stale": list(stale)}
     (out / "results.json").write_text(json.dumps(_jsonable(payload), indent=1))
     log("")
     log(text_table(rows))

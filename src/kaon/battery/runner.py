@@ -1,9 +1,12 @@
 """Running the battery: every entry on every task, cached, then the report.
 
-Results are cached in ``OUT/cache.json`` per (task, profile, entry configuration, seed,
-schedule, kaon version, torch version, device, threads), and saved after every run, so adding an
-optimizer measures only that optimizer, an interrupted battery resumes where it stopped, and
-``--render-only`` rebuilds the report from the cache alone.
+Results are cached in ``OUT/cache.json`` per (task, profile, entry configuration and learning
+rates, seed, schedule, kaon version, torch version, device, threads), and saved after every run,
+so adding an optimizer measures only that optimizer, an interrupted battery resumes where it
+stopped, and ``--render-only`` rebuilds the report from the cache alone. The report ranks every
+cached entry of the current registry (measured now or before) and every custom
+``--optimizer`` entry; a cached entry whose registry configuration or learning rate has changed
+since is stale and only listed.
 """
 
 from __future__ import annotations
@@ -164,7 +167,7 @@ def run_battery(
         if not ok:
             skipped[entry.name] = why
             continue
-        record = cache.runs(context, entry.config)
+        record = cache.runs(context, entry.cache_key)
         record.update(name=entry.name, family=entry.family, blurb=entry.blurb)
         if render_only:
             continue
@@ -177,7 +180,7 @@ def run_battery(
     bar = _Progress(total, progress and bool(todo))
     started = time.perf_counter()
     for entry, task, schedule, seed in todo:
-        record = cache.runs(context, entry.config)
+        record = cache.runs(context, entry.cache_key)
         label = f"{entry.name} {task.name if task else 'lora-bag'} {schedule} seed {seed}"
         bar.describe(label)
         try:
@@ -198,9 +201,13 @@ def run_battery(
     if todo:
         log(f"kaon battery: measured {len(todo)} run(s) in {time.perf_counter() - started:.0f} s")
     cache.save()
-    wanted = {e.config for e in entries}
-    return report.render(cache.entries(context), context, prof, out, skipped=skipped,
-                         selected=wanted, log=log)
+    from kaon.battery.registry import ENTRIES
+
+    current = {e.cache_key for e in ENTRIES} | {e.cache_key for e in entries}
+    cached = cache.entries(context)
+    ranked = {k: v for k, v in cached.items() if k in current or v.get("family") == "custom"}
+    stale = sorted(v.get("name", k) for k, v in cached.items() if k not in ranked)
+    return report.render(ranked, context, prof, out, skipped=skipped, stale=stale, log=log)
 
 
 class _Progress:
