@@ -8,7 +8,8 @@ B. AdaPNM (defaults) against torch.optim.AdamW (defaults), each over a small lr 
    loss and gap per lr (mean over seeds), and the gaps at matched held-out loss (the pair of
    configurations whose held-out losses are closest, within 5 %).
 
-Usage: python benchmarks/generalization.py [--steps 800] [--seeds 0 1] [--threads 1]
+Usage: python benchmarks/generalization.py [--steps 1600] [--seeds 0 1 2 3] [--threads 1]
+       [--nekaon-lr 4e-3 8e-3]
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ def mean_result(make, lr, seeds, task):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=int, default=1600)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--nekaon-lr", type=float, default=4e-3)
+    parser.add_argument("--nekaon-lr", type=float, nargs="+", default=[4e-3, 8e-3])
     parser.add_argument("--skip-a", action="store_true")
     parser.add_argument("--skip-b", action="store_true")
     args = parser.parse_args()
@@ -47,15 +48,15 @@ def main() -> None:
           f"threads {args.threads}", flush=True)
     start = time.time()
 
-    if not args.skip_a:
-        print(f"\nA. Nekaon betas=(0.2, 0.999), constant lr {args.nekaon_lr:g}, wd 0.1, 4bit")
+    for nekaon_lr in [] if args.skip_a else args.nekaon_lr:
+        print(f"\nA. Nekaon betas=(0.2, 0.999), constant lr {nekaon_lr:g}, wd 0.1, 4bit")
         print("| k | held-out | train | gap (mean) | gap per seed | gap vs k=0 | s/run |")
         print("|---|---|---|---|---|---|---|")
         base = None
         for k in (0.0, 1.5, 3.0):
             def make(params, lr, k=k):
                 return kaon.Nekaon(params, lr=lr, k=k, betas=(0.2, 0.999))
-            held, tr, gap, gaps, sec = mean_result(make, args.nekaon_lr, args.seeds, task)
+            held, tr, gap, gaps, sec = mean_result(make, nekaon_lr, args.seeds, task)
             base = gap if base is None else base
             change = f"{100 * (gap / base - 1):+.0f} %" if k else "-"
             per_seed = ", ".join(f"{g:+.4f}" for g in gaps)
