@@ -29,21 +29,11 @@ from kaon.battery.diffusion import DiffusionTask
 from kaon.battery.lm import LanguageModelTask
 from kaon.battery.lora import time_lora_bag
 from kaon.battery.registry import REFERENCE, Entry, lr_for
+from kaon.bench import machine_description
 
-__all__ = ["Cache", "Context", "make_tasks", "run_battery", "machine_name"]
+__all__ = ["Cache", "Context", "make_tasks", "run_battery"]
 
 CACHE_VERSION = 1
-
-
-def machine_name() -> str:
-    """The CPU model (Linux: /proc/cpuinfo) or the CUDA device name."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 @dataclass(frozen=True)
@@ -62,9 +52,9 @@ class Context:
                 f"threads-{self.threads}")
 
     def describe(self) -> str:
-        device = (torch.cuda.get_device_name(torch.device(self.device))
-                  if self.device.startswith("cuda")
-                  else f"CPU {machine_name()}, {self.threads} thread(s)")
+        name = machine_description(torch.device(self.device))
+        device = name if self.device.startswith("cuda") else (
+            f"CPU {name}, {self.threads} thread(s)")
         return (f"profile {self.profile}; {device}; torch {self.torch}; kaon {self.kaon}; "
                 f"Python {platform.python_version()}")
 
