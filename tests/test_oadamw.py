@@ -499,3 +499,19 @@ def test_docs_page_runs_and_documents_every_argument_and_state_key():
         assert f"`{name}`" in text, name
     for key in ("exp_avg", "exp_avg_sq", "step", "shift", "ns_factor", "ns_factor_age"):
         assert f"`{key}`" in text, key
+
+
+def test_update_proj_gap_batched_equals_per_parameter_on_awkward_shapes():
+    """The cached-factor path must be as batch-independent as the plain Newton-Schulz one."""
+    from test_conformance import assert_same, awkward_grads, awkward_params
+
+    runs = []
+    for foreach in (False, True):
+        params = awkward_params()
+        opt = kaon.OAdamW(params, lr=1e-2, muon=True, update_proj_gap=2, weight_decay=0.0,
+                          foreach=foreach)
+        for i in range(5):
+            awkward_grads(params, i)
+            opt.step()
+        runs.append(params)
+    assert_same(*runs)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 __all__ = [
     "sum", "sum_squares", "mean", "slice_rms", "rms_clip_", "cautious", "centralize",
-    "newton_schulz", "NS_COEFFICIENTS",
+    "newton_schulz", "NS_COEFFICIENTS", "slice_by_slice",
 ]
 
 _CHUNK = 4096
@@ -141,16 +141,26 @@ def newton_schulz(
     norm = sum_squares(flat.float(), dim=-1).sqrt_().clamp_min_(eps)
     x = (matrix.float() / norm.view(-1, 1, 1)).to(dtype)
     tall = matrix.shape[-2] > matrix.shape[-1]
-    if x.device.type == "cpu" and x.shape[0] > 1:
-        # CPU batched matmuls (bf16 and fp32 alike) are not batch-independent: their blocking
-        # depends on the batch size, and their kernels on the data's alignment, and both change
-        # the rounding. Each slice runs alone from a fresh copy, exactly as the per-parameter
-        # path runs its single matrix, hence bit-identical results.
-        x = torch.cat([_orthogonalize(x[i : i + 1].clone(), tall, steps, coefficients)
-                       for i in range(x.shape[0])])
-    else:
-        x = _orthogonalize(x, tall, steps, coefficients)
+    x = slice_by_slice(lambda m: _orthogonalize(m, tall, steps, coefficients), x)
     return x.float().contiguous()
+
+
+def slice_by_slice(fn, *tensors: Tensor):
+    """``fn(*tensors)`` over ``[N, ...]`` tensors, made batch-independent on the CPU.
+
+    CPU batched matmuls (bf16 and fp32 alike) are not batch-independent: their blocking depends
+    on the batch size, and their kernels on the data's alignment, and both change the rounding.
+    On the CPU each slice therefore runs alone, from fresh copies, exactly as the per-parameter
+    path runs its single matrix; the results are concatenated (``fn`` may return a tensor or a
+    tuple of tensors). Elsewhere, and for a batch of one, ``fn`` runs once on the whole batch.
+    """
+    first = tensors[0]
+    if first.device.type != "cpu" or first.shape[0] == 1:
+        return fn(*tensors)
+    outs = [fn(*(t[i : i + 1].clone() for t in tensors)) for i in range(first.shape[0])]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+    return torch.cat(outs)
 
 
 def _orthogonalize(x: Tensor, tall: bool, steps: int,

@@ -236,14 +236,21 @@ class OAdamW(KaonOptimizer):
             s[_FACTOR_AGE] = 0 if fresh else age + 1
         # the slot holds L - I, so fresh state (zeros) is the identity factor
         offset = batch.state[_FACTOR]
+        def iterate(m: Tensor) -> tuple[Tensor, Tensor]:
+            return _newton_schulz_with_factor(m, steps, dtype)
+
+        def apply(m: Tensor, o: Tensor) -> Tensor:
+            return _apply_factor(m, o, dtype)
+
+        # slice_by_slice: CPU batched matmuls would make the result depend on the batch
         if all(refresh):
-            out, new_offset = _newton_schulz_with_factor(g, steps, dtype)
+            out, new_offset = ops.slice_by_slice(iterate, g)
         elif not any(refresh):
-            out, new_offset = _apply_factor(g, offset, dtype), offset
+            out, new_offset = ops.slice_by_slice(apply, g, offset), offset
         else:  # parameters of one chunk on different schedules (one joined later)
-            fresh_out, fresh_offset = _newton_schulz_with_factor(g, steps, dtype)
+            fresh_out, fresh_offset = ops.slice_by_slice(iterate, g)
             mask = torch.tensor(refresh, device=g.device).view(-1, 1, 1)
-            out = torch.where(mask, fresh_out, _apply_factor(g, offset, dtype))
+            out = torch.where(mask, fresh_out, ops.slice_by_slice(apply, g, offset))
             new_offset = torch.where(mask, fresh_offset, offset)
         new_state[_FACTOR] = new_offset
         return out
