@@ -7,6 +7,8 @@ reading of the specification.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
 
 
@@ -293,3 +295,22 @@ class AdaPNMReference:
         with torch.no_grad():
             decayed = self.p.float().reshape(step.shape) * (1 - self.lr * self.wd)
             self.p.copy_((decayed - step).reshape(self.p.shape).to(self.p.dtype))
+
+
+def grads_for(shape, steps: int, seed: int = 0) -> list[torch.Tensor]:
+    """Reproducible gradients of varying scale for reference comparisons."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen) * (1 + i % 3) for i in range(steps)]
+
+
+def step_both(opt, ref, p: torch.Tensor, grads: Iterable[torch.Tensor],
+              check: Callable[[], None] | None = None) -> None:
+    """Step a kaon optimizer (over ``p``) and a reference with the same gradients, running
+    ``check`` after every step."""
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+        ref.step(g)
+        if check is not None:
+            check()
+

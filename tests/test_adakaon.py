@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import AdakaonReference
+from reference import AdakaonReference, grads_for, step_both
 from torch import nn
 
 import kaon
 
 SHAPES = [(24, 16), (16, 24), (8, 3, 3, 3), (24,), (1,), ()]
 
-
-def grads_for(shape, steps, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=gen) * (1 + i % 3) for i in range(steps)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -39,11 +35,8 @@ def test_matches_reference_fp32_momentum(shape, config):
     )
     ref = AdakaonReference(q, **ref_kwargs)
     opt = kaon.Adakaon([p], lr=1e-2, momentum_dtype="float32", **config)
-    for g in grads_for(shape, 12):
-        p.grad = g.clone()
-        opt.step()
-        ref.step(g)
-        torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-7)
+    step_both(opt, ref, p, grads_for(shape, 12),
+              lambda: torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-7))
 
 
 @pytest.mark.parametrize("momentum", ["bfloat16", "int8", "4bit"])
@@ -54,10 +47,7 @@ def test_matches_reference_quantized_momentum(momentum):
     q = p.detach().clone()
     ref = AdakaonReference(q, lr=1e-2, momentum=momentum, block=64)
     opt = kaon.Adakaon([p], lr=1e-2, momentum_dtype=momentum, momentum_4bit_block=64)
-    for g in grads_for(shape, 6):
-        p.grad = g.clone()
-        opt.step()
-        ref.step(g)
+    step_both(opt, ref, p, grads_for(shape, 6))
     # a code can round the other way when the two float paths differ in the last bit
     diff = (p.detach() - q).abs()
     assert diff.max() < 2e-3 and diff.mean() < 1e-6 * 10

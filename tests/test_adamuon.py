@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from reference import AdaMuonReference
+from reference import AdaMuonReference, grads_for, step_both
 from torch import nn
 
 import kaon
@@ -21,10 +21,6 @@ CONFIGS = [
 ]
 CONFIG_IDS = ["default", "nomomentum", "wd-nocautious", "gc-clip-ns5"]
 
-
-def grads_for(shape, steps, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=gen) * (1 + i % 3) for i in range(steps)]
 
 
 def _pair(shape, config, ns_dtype, lr=1e-2, momentum="float32", seed=1):
@@ -47,11 +43,8 @@ def _pair(shape, config, ns_dtype, lr=1e-2, momentum="float32", seed=1):
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 def test_matches_reference_with_float32_newton_schulz(shape, config):
     p, q, opt, ref = _pair(shape, config, torch.float32)
-    for g in grads_for(shape, 12):
-        p.grad = g.clone()
-        opt.step()
-        ref.step(g)
-        torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-6)
+    step_both(opt, ref, p, grads_for(shape, 12),
+              lambda: torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-6))
 
 
 @pytest.mark.parametrize("shape", [(24, 16), (16, 24), (8, 3, 3, 3)], ids=str)
@@ -64,10 +57,7 @@ def test_matches_reference_with_bf16_newton_schulz(shape, config):
     """
     p, q, opt, ref = _pair(shape, config, torch.bfloat16)
     start = q.clone()
-    for g in grads_for(shape, 12):
-        p.grad = g.clone()
-        opt.step()
-        ref.step(g)
+    step_both(opt, ref, p, grads_for(shape, 12))
     moved, expected = p.detach() - start, q - start
     assert (moved - expected).norm() < 0.05 * expected.norm()
 
@@ -77,10 +67,7 @@ def test_matches_reference_with_bf16_newton_schulz(shape, config):
 def test_matches_reference_quantized_momentum(momentum, shape):
     p, q, opt, ref = _pair(shape, {}, torch.float32, momentum=momentum, seed=2)
     start = q.clone()
-    for g in grads_for(shape, 8):
-        p.grad = g.clone()
-        opt.step()
-        ref.step(g)
+    step_both(opt, ref, p, grads_for(shape, 8))
     # the reference stores the lr-scaled momentum of a vector, kaon the unit-space one: the same
     # value, rounded differently (bf16 rounding is relative, not scale-free)
     moved, expected = p.detach() - start, q - start

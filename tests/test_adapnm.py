@@ -6,17 +6,13 @@ import math
 
 import pytest
 import torch
-from reference import AdaPNMReference
+from reference import AdaPNMReference, grads_for, step_both
 from torch import nn
 
 import kaon
 
 SHAPES = [(24, 16), (16, 24), (8, 3, 3, 3), (24,), (1,), ()]
 
-
-def grads_for(shape, steps, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=gen) * (1 + i % 3) for i in range(steps)]
 
 
 @pytest.mark.parametrize("ams_bound", [False, True], ids=["plain", "ams"])
@@ -72,11 +68,8 @@ def test_matches_reference(shape, config):
         ams_bound=config.get("ams_bound", False),
     )
     opt = kaon.AdaPNM([p], lr=1e-2, momentum_dtype="float32", **config)
-    for g in grads_for(shape, 12):
-        p.grad = g.clone()
-        opt.step()
-        ref.step(g)
-        torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-7)
+    step_both(opt, ref, p, grads_for(shape, 12),
+              lambda: torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-7))
 
 
 @pytest.mark.parametrize("momentum", ["bfloat16", "int8", "4bit"])
@@ -87,10 +80,7 @@ def test_matches_reference_quantized_momentum(momentum):
     q = p.detach().clone()
     ref = AdaPNMReference(q, lr=1e-2, momentum=momentum, block=64)
     opt = kaon.AdaPNM([p], lr=1e-2, momentum_dtype=momentum, momentum_4bit_block=64)
-    for g in grads_for(shape, 8):
-        p.grad = g.clone()
-        opt.step()
-        ref.step(g)
+    step_both(opt, ref, p, grads_for(shape, 8))
     # a code can round the other way when the two float paths differ in the last bit
     diff = (p.detach() - q).abs()
     assert diff.max() < 2e-3 and diff.mean() < 1e-5

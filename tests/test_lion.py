@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import LionReference
+from reference import LionReference, grads_for, step_both
 from torch import nn
 
 import kaon
@@ -14,10 +14,6 @@ lion_pytorch = pytest.importorskip("lion_pytorch")
 SHAPES = [(24, 16), (16, 24), (8, 3, 3, 3), (24,), (1,), ()]
 PLAIN = dict(cautious=False, gradient_centralization=False, momentum_dtype="float32")
 
-
-def grads_for(shape, steps, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=gen) * (1 + i % 3) for i in range(steps)]
 
 
 class Net(nn.Module):
@@ -117,11 +113,8 @@ def test_matches_reference(shape, config):
                         cautious=config.get("cautious", True),
                         centralize=config.get("gradient_centralization", True))
     opt = kaon.Lion([p], lr=1e-2, momentum_dtype="float32", **config)
-    for g in grads_for(shape, 20):
-        p.grad = g.clone()
-        opt.step()
-        ref.step(g)
-        torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-6)
+    step_both(opt, ref, p, grads_for(shape, 20),
+              lambda: torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-6))
 
 
 @pytest.mark.parametrize("momentum", ["bfloat16", "int8", "4bit"])
@@ -132,10 +125,7 @@ def test_matches_reference_quantized_momentum(momentum):
     q = p.detach().clone()
     ref = LionReference(q, lr=1e-2, momentum=momentum, block=64)
     opt = kaon.Lion([p], lr=1e-2, momentum_dtype=momentum, momentum_4bit_block=64)
-    for g in grads_for(shape, 10):
-        p.grad = g.clone()
-        opt.step()
-        ref.step(g)
+    step_both(opt, ref, p, grads_for(shape, 10))
     # a code can round the other way when two float paths differ in the last bit, and a sign
     # near zero can then flip: allow a few coordinates one step apart
     diff = (p.detach() - q).abs()
