@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["Check", "real", "integer", "boolean", "choice", "pair", "check_all"]
+__all__ = ["Check", "real", "integer", "boolean", "choice", "pair", "check_all", "BETAS",
+           "memory_checks"]
 
 Check = Callable[[str, Any], None]
 
@@ -110,3 +111,23 @@ def check_all(checks: dict[str, Check], values: dict[str, Any], owner: str) -> N
                 check(name, values[name])
             except (TypeError, ValueError) as error:
                 raise type(error)(f"{owner}: {error}") from None
+
+
+#: two decay rates, each in [0, 1)
+BETAS = pair(real(0.0, 1.0, high_inclusive=False), real(0.0, 1.0, high_inclusive=False))
+
+
+def memory_checks() -> dict[str, Check]:
+    """The checks of the feature arguments the kaon family shares: ``momentum_dtype``,
+    ``momentum_4bit_block``, ``cautious``, ``gradient_centralization`` and ``bf16_method``."""
+    from kaon.precision import BF16_METHODS
+    from kaon.state.codecs import MOMENTUM_DTYPES
+
+    return {
+        "momentum_dtype": choice(*MOMENTUM_DTYPES),
+        "momentum_4bit_block": integer(),
+        "cautious": boolean(),
+        "gradient_centralization": boolean(),
+        "bf16_method": choice(*BF16_METHODS),
+    }
+

@@ -11,10 +11,9 @@ from torch import Tensor
 from kaon import ops
 from kaon.engine import Batch, Slot
 from kaon.optimizer import KaonOptimizer
-from kaon.precision import BF16_METHODS
 from kaon.state import factored
-from kaon.state.codecs import MOMENTUM_DTYPES, momentum_codec
-from kaon.validation import boolean, choice, integer, pair, real
+from kaon.state.codecs import momentum_codec
+from kaon.validation import BETAS, boolean, memory_checks, pair, real
 
 __all__ = ["Adakaon"]
 
@@ -80,16 +79,12 @@ class Adakaon(KaonOptimizer):
 
     hyperparameter_checks = {
         "lr": real(0.0),
-        "betas": pair(real(0.0, 1.0, high_inclusive=False), real(0.0, 1.0, high_inclusive=False)),
+        "betas": BETAS,
         "eps": pair(real(0.0, low_inclusive=False), real(0.0)),
         "weight_decay": real(0.0),
         "maximize": boolean(),
         "clip_threshold": real(0.0, low_inclusive=False),
-        "momentum_dtype": choice(*MOMENTUM_DTYPES),
-        "momentum_4bit_block": integer(),
-        "cautious": boolean(),
-        "gradient_centralization": boolean(),
-        "bf16_method": choice(*BF16_METHODS),
+        **memory_checks(),
     }
     layout_keys = ("betas", "momentum_dtype", "momentum_4bit_block", "bf16_method")
 

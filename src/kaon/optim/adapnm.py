@@ -12,10 +12,9 @@ from torch import Tensor
 from kaon import ops
 from kaon.engine import Batch, Slot
 from kaon.optimizer import KaonOptimizer
-from kaon.precision import BF16_METHODS
 from kaon.state import factored
-from kaon.state.codecs import MOMENTUM_DTYPES, FloatCodec, momentum_codec
-from kaon.validation import boolean, choice, integer, pair, real
+from kaon.state.codecs import FloatCodec, momentum_codec
+from kaon.validation import BETAS, boolean, memory_checks, real
 
 __all__ = ["AdaPNM"]
 
@@ -97,18 +96,14 @@ class AdaPNM(KaonOptimizer):
 
     hyperparameter_checks = {
         "lr": real(0.0),
-        "betas": pair(real(0.0, 1.0, high_inclusive=False), real(0.0, 1.0, high_inclusive=False)),
+        "betas": BETAS,
         "beta0": real(0.0, 1.0),
         "eps": real(0.0),
         "weight_decay": real(0.0),
         "maximize": boolean(),
         "clip_threshold": real(0.0),
-        "cautious": boolean(),
-        "gradient_centralization": boolean(),
         "ams_bound": boolean(),
-        "momentum_dtype": choice(*MOMENTUM_DTYPES),
-        "momentum_4bit_block": integer(),
-        "bf16_method": choice(*BF16_METHODS),
+        **memory_checks(),
     }
     layout_keys = ("ams_bound", "momentum_dtype", "momentum_4bit_block", "bf16_method")
     bytes_per_element = 64
