@@ -178,15 +178,22 @@ class KaonOptimizer(torch.optim.Optimizer):
         ``closure`` (optional) re-evaluates the model and returns the loss; it is run with
         gradients enabled and its result returned.
         """
+        loss, work = self._begin_step(closure)
+        for group, params in work:
+            engine.run_group(self, group, params)
+        return loss
+
+    def _begin_step(self, closure: Callable[[], Any] | None
+                    ) -> tuple[Any, list[tuple[dict[str, Any], list[Tensor]]]]:
+        """Run the closure (with gradients enabled), then collect each group's parameters that
+        have gradients and check those gradients before anything changes."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         work = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
         self._check_gradients(chain.from_iterable(params for _, params in work))
-        for group, params in work:
-            engine.run_group(self, group, params)
-        return loss
+        return loss, work
 
     @torch.no_grad()
     def step_param(self, p: Tensor, group: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Check", "real", "integer", "boolean", "choice", "pair", "check_all", "BETAS",
+__all__ = ["Check", "real", "integer", "boolean", "choice", "pair", "optional", "check_all", "BETAS",
            "memory_checks"]
 
 Check = Callable[[str, Any], None]
@@ -101,6 +101,21 @@ def pair(first: Check, second: Check, labels: Sequence[str] = ("[0]", "[1]")) ->
         second(f"{name}{labels[1]}", value[1])
 
     return check
+
+
+def optional(check: Check) -> Check:
+    """``None`` or a value that passes ``check`` (the message then says None is allowed too)."""
+
+    def run(name: str, value: Any) -> None:
+        if value is None:
+            return
+        try:
+            check(name, value)
+        except (TypeError, ValueError) as error:
+            text = str(error).replace(f"{name} must be ", f"{name} must be None or ", 1)
+            raise type(error)(text) from None
+
+    return run
 
 
 def check_all(checks: dict[str, Check], values: dict[str, Any], owner: str) -> None:

@@ -24,7 +24,7 @@ from kaon.state.codecs import (
     LogSpace8BitCodec,
     momentum_codec,
 )
-from kaon.validation import Check, boolean, choice, pair, real
+from kaon.validation import Check, boolean, choice, optional, pair, real
 
 __all__ = [
     "AdamW",
@@ -57,11 +57,6 @@ def check_state_dtype(name: str, value: Any) -> None:
             f"(first moment, second moment); got {value!r}"
         )
     choice(*STATE_DTYPES)(name, value)
-
-
-def _optional_bool(name: str, value: Any) -> None:
-    if value is not None and not isinstance(value, bool):
-        raise TypeError(f"{name} must be None, True or False; got {value!r}")
 
 
 def _unsupported(name: str, value: Any) -> None:
@@ -228,7 +223,7 @@ class AdamW(KaonOptimizer):
         "weight_decay": real(0.0),
         "amsgrad": boolean(),
         "maximize": boolean(),
-        "fused": _optional_bool,
+        "fused": optional(boolean()),
         "capturable": _unsupported,
         "differentiable": _unsupported,
         "state_dtype": check_state_dtype,
@@ -257,7 +252,7 @@ class AdamW(KaonOptimizer):
         nonfinite_grad: str = "skip",
         seed: int | None = None,
     ) -> None:
-        _optional_bool("foreach", foreach)
+        optional(boolean())("foreach", foreach)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, fused=fused, capturable=capturable, differentiable=differentiable,

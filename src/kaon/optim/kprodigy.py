@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from itertools import chain
 from typing import Any
 
 import torch
@@ -16,7 +15,7 @@ from kaon.optimizer import KaonOptimizer
 from kaon.precision import BF16_METHODS
 from kaon.state import factored
 from kaon.state.codecs import MOMENTUM_DTYPES, FloatCodec, momentum_codec
-from kaon.validation import Check, boolean, choice, integer, pair, real
+from kaon.validation import boolean, choice, integer, optional, pair, real
 
 __all__ = ["KProdigy"]
 
@@ -24,14 +23,6 @@ SECOND_MOMENTS = ("full", "factored")
 _QUANTIZED = ("int8", "4bit")
 #: group keys KProdigy keeps per group (its D estimate; checkpointed with ``param_groups``)
 D_KEYS = ("d", "d_max", "d_numerator", "d_denom", "d_hat", "k")
-
-
-def _optional(check: Check) -> Check:
-    def run(name: str, value: Any) -> None:
-        if value is not None:
-            check(name, value)
-
-    return run
 
 
 def _growth_rate(name: str, value: Any) -> None:
@@ -142,7 +133,7 @@ class KProdigy(KaonOptimizer):
     hyperparameter_checks = {
         "lr": real(0.0),
         "betas": pair(real(0.0, 1.0, high_inclusive=False), real(0.0, 1.0, high_inclusive=False)),
-        "beta3": _optional(real(0.0, 1.0)),
+        "beta3": optional(real(0.0, 1.0)),
         "eps": real(0.0, low_inclusive=False),
         "weight_decay": real(0.0),
         "decouple": boolean(),
@@ -153,7 +144,7 @@ class KProdigy(KaonOptimizer):
         "growth_rate": _growth_rate,
         "d_update_freq": integer(1),
         "slice_p": integer(1),
-        "momentum_dtype": _optional(choice(*MOMENTUM_DTYPES)),
+        "momentum_dtype": optional(choice(*MOMENTUM_DTYPES)),
         "momentum_4bit_block": integer(),
         "second_moment": choice(*SECOND_MOMENTS),
         "eps_factored": real(0.0, low_inclusive=False),
@@ -264,12 +255,8 @@ class KProdigy(KaonOptimizer):
         ``closure`` (optional) re-evaluates the model and returns the loss; it is run with
         gradients enabled and its result returned.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        work = {id(g): [p for p in g["params"] if p.grad is not None] for g in self.param_groups}
-        self._check_gradients(chain.from_iterable(work.values()))
+        loss, collected = self._begin_step(closure)
+        work = {id(g): params for g, params in collected}
         groups = self.param_groups
         if self.uses_independent_d():
             scopes = [[g] for g in groups]

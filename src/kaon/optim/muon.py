@@ -25,7 +25,7 @@ from kaon.optimizer import KaonOptimizer
 from kaon.precision import BF16_METHODS
 from kaon.state import factored
 from kaon.state.codecs import MOMENTUM_DTYPES, momentum_codec
-from kaon.validation import Check, boolean, choice, integer, pair, real
+from kaon.validation import Check, boolean, choice, integer, optional, pair, real
 
 __all__ = ["Muon", "ADJUST_LR_FNS", "MAX_ASPECT_RATIO", "is_hidden_matrix", "update_scale"]
 
@@ -61,14 +61,6 @@ def update_scale(rows: int, cols: int, adjust_lr_fn: str | None) -> float:
     if adjust_lr_fn == "spectral_unclamped":
         return (rows / cols) ** 0.5
     raise ValueError(f"adjust_lr_fn must be None or one of {ADJUST_LR_FNS}; got {adjust_lr_fn!r}")
-
-
-def _optional(check: Check) -> Check:
-    def optional(name: str, value: Any) -> None:
-        if value is not None:
-            check(name, value)
-
-    return optional
 
 
 def _coefficients(name: str, value: Any) -> None:
@@ -156,15 +148,15 @@ class Muon(KaonOptimizer):
         "ns_steps": integer(1),
         "ns_coefficients": _coefficients,
         "eps": real(0.0),
-        "adjust_lr_fn": _optional(choice(*ADJUST_LR_FNS)),
+        "adjust_lr_fn": optional(choice(*ADJUST_LR_FNS)),
         "ns_dtype": choice(*_NS_DTYPES),
         "momentum_dtype": choice(*MOMENTUM_DTYPES),
-        "adam_lr": _optional(real(0.0)),
+        "adam_lr": optional(real(0.0)),
         "adam_betas": pair(real(0.0, 1.0, high_inclusive=False),
                            real(0.0, 1.0, high_inclusive=False)),
         "adam_eps": real(0.0),
         "adam_state_dtype": check_state_dtype,
-        "muon": _optional(boolean()),
+        "muon": optional(boolean()),
         "maximize": boolean(),
         "bf16_method": choice(*BF16_METHODS),
     }

@@ -14,7 +14,7 @@ from kaon.optimizer import KaonOptimizer
 from kaon.precision import BF16_METHODS
 from kaon.state import factored
 from kaon.state.codecs import FloatCodec
-from kaon.validation import Check, boolean, choice, integer, pair, real
+from kaon.validation import Check, boolean, choice, integer, optional, pair, real
 
 __all__ = ["OAdamW"]
 
@@ -22,11 +22,6 @@ NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _NS_EPS = 1e-7
 _FACTOR = "ns_factor"
 _FACTOR_AGE = "ns_factor_age"  # Python int: steps since the cached factor was computed
-
-
-def _optional_positive(name: str, value: Any) -> None:
-    if value is not None:
-        real(0.0, low_inclusive=False)(name, value)
 
 
 class OAdamW(KaonOptimizer):
@@ -112,7 +107,7 @@ class OAdamW(KaonOptimizer):
         "weight_decay": real(0.0),
         "eps": real(0.0, low_inclusive=False),
         "decouple_lr": boolean(),
-        "max_lr": _optional_positive,
+        "max_lr": optional(real(0.0, low_inclusive=False)),
         "maximize": boolean(),
         "muon": boolean(),
         "ns_steps": integer(1),
