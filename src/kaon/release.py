@@ -40,8 +40,8 @@ them with ``RuntimeError`` (their :meth:`~kaon.KaonOptimizer.gradient_release_bl
 why) before registering anything.
 
 Limits: gradients are stepped one at a time, so a clip of the *global* gradient norm and AMP's
-``GradScaler`` (which unscales all gradients first) do not apply; per-tensor clipping can be
-done by the caller before the step (see ``docs/gradient-release.md``). Parameters added to the
+``GradScaler`` (which unscales all gradients first) do not apply; ``max_grad_norm`` clips each
+gradient on its own instead (sd-scripts' fused backward pass does the same). Parameters added to the
 optimizer later (``add_param_group``) need ``remove_gradient_release`` and a new
 ``prepare_for_gradient_release``.
 """
@@ -69,9 +69,11 @@ class GradientRelease:
     ``handles`` are the hook handles; ``params`` the hooked parameters, in the model's order.
     """
 
-    def __init__(self, optimizer: KaonOptimizer, params: list[Tensor]) -> None:
+    def __init__(self, optimizer: KaonOptimizer, params: list[Tensor],
+                 max_grad_norm: float | None = None) -> None:
         self.optimizer = optimizer
         self.params = params
+        self.max_grad_norm = max_grad_norm
         self.handles: list[Any] = []
         self._where: dict[int, tuple[int, int]] = {}
         self._index()
@@ -117,6 +119,8 @@ class GradientRelease:
         if pending is not None:
             del state[ACCUMULATED_GRAD]
             p.grad = pending.add_(grad)
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
         try:
             opt.step_param(p, self.group_of(p))
         finally:
@@ -134,7 +138,8 @@ class GradientRelease:
                 p.grad = pending if p.grad is None else pending.add_(p.grad)
 
 
-def prepare_for_gradient_release(model: nn.Module, optimizer: KaonOptimizer) -> GradientRelease:
+def prepare_for_gradient_release(model: nn.Module, optimizer: KaonOptimizer, *,
+                                 max_grad_norm: float | None = None) -> GradientRelease:
     """Step ``optimizer`` from the backward pass of ``model`` and free each gradient at once.
 
     Registers one ``register_post_accumulate_grad_hook`` on every parameter of ``model`` that
@@ -142,6 +147,11 @@ def prepare_for_gradient_release(model: nn.Module, optimizer: KaonOptimizer) -> 
     parameter of the optimizer outside ``model`` is still stepped by ``optimizer.step()``). Sets
     ``optimizer.optimizer_accumulation = False`` unless the attribute exists. Returns the
     :class:`GradientRelease` (also kept on ``model``).
+
+    ``max_grad_norm`` (default ``None``: no clipping): clip each parameter's (accumulated)
+    gradient to this norm on its own before its step, as sd-scripts' fused backward pass does.
+    This is *per tensor*, not the global norm of a normal loop's ``clip_grad_norm_``, which
+    needs every gradient at once.
 
     Raises ``TypeError`` if ``optimizer`` is not a kaon optimizer or ``model`` not a module,
     ``RuntimeError`` if ``model`` is already prepared or the optimizer cannot step one parameter
@@ -160,6 +170,13 @@ def prepare_for_gradient_release(model: nn.Module, optimizer: KaonOptimizer) -> 
             "prepare_for_gradient_release: the model is already prepared; call "
             "kaon.remove_gradient_release(model) first"
         )
+    if max_grad_norm is not None:
+        if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
+            raise TypeError("prepare_for_gradient_release: max_grad_norm must be a number > 0 "
+                            f"or None; got {max_grad_norm!r}")
+        if not max_grad_norm > 0:
+            raise ValueError("prepare_for_gradient_release: max_grad_norm must be > 0 or None; "
+                             f"got {max_grad_norm!r}")
     blocker = optimizer.gradient_release_blocker()
     if blocker:
         raise RuntimeError(f"prepare_for_gradient_release: {blocker}")
@@ -175,7 +192,8 @@ def prepare_for_gradient_release(model: nn.Module, optimizer: KaonOptimizer) -> 
             "prepare_for_gradient_release: no parameter of the model that requires a gradient "
             "is in the optimizer"
         )
-    release = GradientRelease(optimizer, params)
+    release = GradientRelease(optimizer, params,
+                              None if max_grad_norm is None else float(max_grad_norm))
     release.handles = [p.register_post_accumulate_grad_hook(release.hook) for p in params]
     if not hasattr(optimizer, "optimizer_accumulation"):
         optimizer.optimizer_accumulation = False
