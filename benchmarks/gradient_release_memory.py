@@ -101,7 +101,7 @@ def main() -> None:
         runs[name] = (model, opt, meter, [], [])
     weights = sum(p.numel() * p.element_size() for p in runs["normal"][0].parameters())
     gen = torch.Generator().manual_seed(1)
-    for step in range(args.steps):
+    for _ in range(args.steps):
         ids = torch.randint(0, 512, (8, 64), generator=gen).to(device)
         for name, (model, opt, meter, times, cuda_peaks) in runs.items():
             micro = 2 if name == "release+acc" else 1
