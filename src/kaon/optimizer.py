@@ -210,7 +210,7 @@ class KaonOptimizer(torch.optim.Optimizer):
         engine.run_group(self, group, [p])
 
     def step_parameter(self, p: Tensor, group: dict[str, Any], i: int) -> None:
-        """``step_param`` with the parameter's index ``i`` in its group (diffusers/kohya form)."""
+        """``step_param`` with the parameter's index ``i`` in its group (OneTrainer's form)."""
         if not (0 <= i < len(group["params"])) or group["params"][i] is not p:
             raise ValueError(f"step_parameter: index {i} does not hold this parameter in the group")
         self.step_param(p, group)
