@@ -14,12 +14,12 @@ from kaon import engine, ops
 from kaon.engine import Batch, Slot
 from kaon.optim.adakaon import Adakaon
 from kaon.state.codecs import FloatCodec
-from kaon.validation import BETAS, check_all, integer, real
+from kaon.validation import check_all, integer, optional, real
 
 __all__ = ["Autokaon"]
 
 #: the tuner's per-parameter state (freed at the freeze)
-TUNER_KEYS = ("p0",)
+TUNER_KEYS = ("s", "p0")
 _CHECKPOINT_KEY = "autokaon"
 
 
@@ -38,10 +38,9 @@ def _lr_freeze(name: str, value: Any) -> None:
 TUNER_CHECKS = {
     "lr_freeze": _lr_freeze,
     "d0": real(0.0, low_inclusive=False),
-    "tuner_lr": real(0.0, low_inclusive=False),
-    "tuner_betas": BETAS,
+    "d_coef": real(0.0, low_inclusive=False),
     "lr_cap": real(0.0, low_inclusive=False),
-    "freeze_beta": real(0.0, 1.0, high_inclusive=False),
+    "beta3": optional(real(0.0, 1.0, high_inclusive=False)),
     "slice_p": integer(1),
     "freeze_patience": integer(1),
     "freeze_tol": real(0.0, low_inclusive=False),
@@ -121,18 +120,16 @@ class Autokaon(Adakaon):
         lr_freeze: str | int | None = "auto",
         *,
         d0: float = 1e-6,
-        tuner_lr: float = 0.2,
-        tuner_betas: tuple[float, float] = (0.9, 0.99),
+        d_coef: float = 1.0,
         lr_cap: float = 1.0,
+        beta3: float | None = None,
         slice_p: int = 1,
-        freeze_patience: int = 30,
-        freeze_tol: float = 0.1,
-        freeze_beta: float = 0.9,
+        freeze_patience: int = 50,
+        freeze_tol: float = 0.05,
         **adakaon_kwargs: Any,
     ) -> None:
-        tuner = dict(lr_freeze=lr_freeze, d0=d0, tuner_lr=tuner_lr, tuner_betas=tuner_betas,
-                     lr_cap=lr_cap, slice_p=slice_p, freeze_patience=freeze_patience,
-                     freeze_tol=freeze_tol, freeze_beta=freeze_beta)
+        tuner = dict(lr_freeze=lr_freeze, d0=d0, d_coef=d_coef, lr_cap=lr_cap, beta3=beta3,
+                     slice_p=slice_p, freeze_patience=freeze_patience, freeze_tol=freeze_tol)
         check_all(TUNER_CHECKS, tuner, type(self).__name__)
         if "lr" in adakaon_kwargs:
             raise TypeError("Autokaon: lr given twice")
@@ -143,8 +140,8 @@ class Autokaon(Adakaon):
 
     def _fresh_tuner(self) -> dict[str, Any]:
         d0 = float(self.tuner_settings["d0"])
-        return dict(d=d0, m=0.0, v=0.0, t=0, k=0, log_avg=math.log(d0), anchor=math.log(d0),
-                    anchor_k=0, frozen=False, frozen_lr=None)
+        return dict(d=d0, d_max=d0, d_hat=0.0, numerator=0.0, k=0, anchor=d0, anchor_k=0,
+                    frozen=False, frozen_lr=None)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (Adakaon's keys); the tuner's arguments are optimizer-level and rejected
@@ -209,6 +206,7 @@ class Autokaon(Adakaon):
         slice_p = self.tuner_settings["slice_p"]
         sliced = (math.prod(view) + slice_p - 1) // slice_p
         return slots + [
+            Slot("s", FloatCodec(), (sliced,)),
             Slot("p0", FloatCodec(), (sliced,), init=lambda q: q.reshape(-1)[::slice_p].float()),
         ]
 
@@ -244,36 +242,33 @@ class Autokaon(Adakaon):
         if self._tuner["frozen"]:
             return super().step(closure)
         loss, work = self._begin_step(closure)
-        tuner, settings = self._tuner, self.tuner_settings
+        tuner = self._tuner
         active = [(g, params) for g, params in work
                   if g["lr"] > 0 and any(p.numel() for p in params)]
         if active:
+            settings, d = self.tuner_settings, tuner["d"]
+            beta3 = settings["beta3"]
+            if beta3 is None:
+                beta3 = math.sqrt(active[0][0]["betas"][1])
+            # Prodigy's weights lambda_k = d_k * (d_k lr) / d0 (their scale cancels in the ratio)
+            self._weights = {id(g): d * (d * g["lr"]) / settings["d0"] for g, _ in active}
+            self._beta3 = beta3
             stats = [self._statistics_of(g, params) for g, params in active]
             # the step's one host synchronization; summed in the parameters' order (batch-free)
-            h = math.fsum(torch.cat([x.to(stats[0].device) for x in stats]).tolist())
-            self._tune(h)
+            rows = torch.cat([x.to(stats[0].device) for x in stats]).tolist()
+            weights = [self._weights[id(g)] for (g, _), x in zip(active, stats) for _ in x]
+            numerator = math.fsum(w * dot for w, (dot, _) in zip(weights, rows))
+            denominator = math.fsum(norm for _, norm in rows)
+            tuner["numerator"] = beta3 * tuner["numerator"] + numerator
+            if denominator > 0:
+                tuner["d_hat"] = settings["d_coef"] * tuner["numerator"] / denominator
+                tuner["d_max"] = max(tuner["d_max"], tuner["d_hat"])
+                tuner["d"] = min(tuner["d_max"], settings["lr_cap"])
         for group, params in work:
             engine.run_group(self, group, params)
         tuner["k"] += 1
         self._check_freeze()
         return loss
-
-    def _tune(self, h: float) -> None:
-        """Adam on ``log d`` with the hypergradient ``h = <g, x0 - x>``: a bounded multiplicative
-        step, ``log d <- log d + tuner_lr * m_hat / sqrt(v_hat)``."""
-        tuner, settings = self._tuner, self.tuner_settings
-        beta1, beta2 = settings["tuner_betas"]
-        tuner["m"] = beta1 * tuner["m"] + (1 - beta1) * h
-        tuner["v"] = beta2 * tuner["v"] + (1 - beta2) * h * h
-        if tuner["v"] <= 0:
-            return  # no signal yet (x = x0, or zero gradients)
-        t = tuner["t"] = tuner["t"] + 1
-        m_hat = tuner["m"] / (1 - beta1**t)
-        v_hat = tuner["v"] / (1 - beta2**t)
-        log_d = math.log(tuner["d"]) + settings["tuner_lr"] * m_hat / math.sqrt(v_hat)
-        tuner["d"] = min(math.exp(log_d), settings["lr_cap"])
-        # the plateau detector watches a smoothed log d
-        tuner["log_avg"] += (1 - settings["freeze_beta"]) * (log_d - tuner["log_avg"])
 
     def _check_freeze(self) -> None:
         tuner, settings = self._tuner, self.tuner_settings
@@ -284,10 +279,11 @@ class Autokaon(Adakaon):
             if tuner["k"] >= rule:
                 self.freeze()
             return
-        if abs(tuner["log_avg"] - tuner["anchor"]) > math.log1p(settings["freeze_tol"]):
-            tuner["anchor"], tuner["anchor_k"] = tuner["log_avg"], tuner["k"]
-        elif tuner["t"] > 0 and tuner["k"] - tuner["anchor_k"] >= settings["freeze_patience"]:
-            self.freeze(math.exp(tuner["log_avg"]))
+        d = tuner["d"]
+        if d > tuner["anchor"] * (1.0 + settings["freeze_tol"]):
+            tuner["anchor"], tuner["anchor_k"] = d, tuner["k"]
+        elif d > settings["d0"] and tuner["k"] - tuner["anchor_k"] >= settings["freeze_patience"]:
+            self.freeze()
 
     def _statistics_of(self, group: dict[str, Any], params: list[Tensor]) -> Tensor:
         """``[tensors with elements, 2]`` (dot, ||s||_1) rows in the group's parameter order."""
@@ -301,16 +297,22 @@ class Autokaon(Adakaon):
         return ordered
 
     def _statistics(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        """Per tensor: ``<g, p0 - p>`` (zero for a tensor with a non-finite gradient)."""
+        """Per tensor: ``<g_s, p0 - p_s>`` and ``||s||_1`` after ``s <- beta3 s + w g_s``."""
         state, n = batch.state, batch.size
         slice_p = self.tuner_settings["slice_p"]
         g_s = batch.grad.reshape(n, -1)[:, ::slice_p]
         p_s = batch.param.reshape(n, -1)[:, ::slice_p]
         diff = self._workspace.take("autokaon:diff", g_s.shape, g_s.device)
         dot = ops.sum(torch.sub(state["p0"], p_s, out=diff).mul_(g_s))
-        if batch.finite is not None:
+        s = state["s"]
+        old = s.clone() if batch.finite is not None else None
+        s = s.mul_(self._beta3).add_(g_s, alpha=self._weights[id(batch.group)])
+        if old is not None:
             dot = torch.where(batch.finite, dot, 0.0)
-        return dot, {}
+            norm = ops.sum(torch.where(batch.finite.view(-1, 1), s, old).abs_())
+        else:
+            norm = ops.sum(torch.abs(s, out=diff))
+        return torch.stack((dot, norm), dim=-1), {"s": s}
 
     # ------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
