@@ -157,16 +157,16 @@ def test_discovery_is_real_and_independent_of_the_cap():
     and the cap (well above it) does not decide it."""
     steps = 300
     found = {}
-    for cap in (0.25, 1.0, 4.0):
+    for cap in (0.25, 4.0):
         model, x, y = model_and_data()
         opt = kaon.Autokaon(model.parameters(), d0=1e-4, lr_cap=cap)
         losses = run(model, opt, x, y, steps)
         assert opt.is_frozen()
         found[cap] = (opt.frozen_lr, sum(losses[-20:]) / 20)
-    assert found[0.25] == found[1.0] == found[4.0]  # not the cap: it was never reached
-    rate, loss = found[1.0]
-    best_loss, best_lr = best_adakaon_lr([1e-3 * 3**k for k in range(6)], steps)
-    # a lower bound of the distance: it errs low (docs/autokaon.md), measured 3.7e-3 vs 2.7e-2
+    assert found[0.25] == found[4.0]  # not the cap: it was never reached
+    rate, loss = found[4.0]
+    best_loss, best_lr = best_adakaon_lr([3e-3 * 3**k for k in range(4)], steps)
+    # a lower bound of the distance: it errs low (docs/autokaon.md)
     assert best_lr / 10 <= rate <= best_lr, (rate, best_lr)
     plain_at_d0 = best_adakaon_lr([1e-4], steps)[0]
     assert loss < 0.5 * plain_at_d0, (loss, plain_at_d0)  # it learned far past its start
