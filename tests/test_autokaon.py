@@ -13,6 +13,15 @@ from torch import nn
 import kaon
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: torch's thread pool only adds contention on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def model_and_data(seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
@@ -46,7 +55,7 @@ def test_tuner_matches_a_plain_reference():
     model_a, x, y = model_and_data()
     model_b = copy.deepcopy(model_a)
     d0 = 1e-4
-    opt_a = kaon.Autokaon(model_a.parameters(), lr_freeze=None, d0=d0)
+    opt_a = kaon.Autokaon(model_a.parameters(), lr_freeze=None, d0=d0, d_coef=3.0)
     opt_b = kaon.Adakaon(model_b.parameters(), lr=d0)
     p0 = params(model_b)
     s = [torch.zeros_like(p, dtype=torch.float64) for p in p0]
@@ -64,7 +73,7 @@ def test_tuner_matches_a_plain_reference():
                                 for g, q, a in zip(grads, model_b.parameters(), p0))
         s = [beta3 * si + w * g for si, g in zip(s, grads)]
         denominator = sum(float(si.abs().sum()) for si in s)
-        d_max = max(d_max, r / denominator)
+        d_max = max(d_max, 3.0 * r / denominator)
         d = min(d_max, 1.0)
         opt_b.param_groups[0]["lr"] = d
         opt_b.step()
@@ -166,11 +175,13 @@ def test_discovery_is_real_and_independent_of_the_cap():
     assert found[0.25] == found[4.0]  # not the cap: it was never reached
     rate, loss = found[4.0]
     best_loss, best_lr = best_adakaon_lr([3e-3 * 3**k for k in range(4)], steps)
-    # a lower bound of the distance: it errs low (docs/autokaon.md)
-    assert best_lr / 10 <= rate <= best_lr, (rate, best_lr)
-    plain_at_d0 = best_adakaon_lr([1e-4], steps)[0]
-    assert loss < 0.5 * plain_at_d0, (loss, plain_at_d0)  # it learned far past its start
-    assert loss <= 3 * best_loss, (loss, best_loss)
+    assert best_lr / 2 <= rate <= best_lr * 2, (rate, best_lr)
+    assert loss <= 1.1 * best_loss, (loss, best_loss)
+    # Prodigy's own d_coef = 1 errs low (docs/autokaon.md): the calibration is not the cap
+    model, x, y = model_and_data()
+    opt = kaon.Autokaon(model.parameters(), d0=1e-4, d_coef=1.0)
+    run(model, opt, x, y, steps)
+    assert best_lr / 10 <= opt.frozen_lr <= best_lr / 2
 
 
 def test_auto_freeze_frees_the_reference_copy():

@@ -86,7 +86,9 @@ class Autokaon(Adakaon):
         lr_freeze ("auto" | int | None, default "auto"): when the rate is frozen (see above).
         d0 (float, default 1e-6): the initial rate, > 0 (the estimate grows geometrically from
             it in a few dozen steps).
-        d_coef (float, default 1.0): multiplier of the estimate, > 0.
+        d_coef (float, default 10.0): multiplier of the estimate, > 0. The bound is conservative
+            on short runs (noise inflates ``D``); 10 is a calibration measured on four small
+            tasks (benchmarks/RESULTS.md), 1.0 is Prodigy's own (safer for long runs).
         lr_cap (float, default 1.0): upper bound of ``d``, > 0 (a unit-RMS step of 1.0 per
             coordinate is far beyond any usable rate; the cap only stops a runaway).
         beta3 (float | None, default None): decay of the statistics in [0, 1); None means
@@ -120,7 +122,7 @@ class Autokaon(Adakaon):
         lr_freeze: str | int | None = "auto",
         *,
         d0: float = 1e-6,
-        d_coef: float = 1.0,
+        d_coef: float = 10.0,
         lr_cap: float = 1.0,
         beta3: float | None = None,
         slice_p: int = 1,
