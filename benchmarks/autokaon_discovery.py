@@ -7,7 +7,8 @@ print the rate it froze at, its ratio to the sweep's best rate (acceptance: with
 held-out loss against the tuned Adakaon's (acceptance: within 5 %) and the change of the
 discovered rate when the cap changes 4x (acceptance: < 25 %).
 
-Usage: python benchmarks/autokaon_discovery.py [--tasks diffusion,lm] [--grid 1e-3,...]
+Usage: python benchmarks/autokaon_discovery.py [--tasks diffusion,lm] [--tasks-extra images]
+       [--grid 1e-3,...] [--d-coef 1.0]
 """
 
 from __future__ import annotations
@@ -28,11 +29,16 @@ def main() -> None:
     parser.add_argument("--tasks", default="diffusion,lm")
     parser.add_argument("--grid", default="1e-3,3e-3,1e-2,3e-2,1e-1")
     parser.add_argument("--profile", default="quick")
+    parser.add_argument("--tasks-extra", default="", help="also run these tasks (e.g. images)")
+    parser.add_argument("--d-coef", type=float, default=None,
+                        help="Autokaon's d_coef (default: its default)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     profile = PROFILES[args.profile]
     grid = [float(v) for v in args.grid.split(",")]
-    tasks = [t for t in make_tasks(profile) if t.name in args.tasks.split(",")]
+    names = args.tasks.split(",") + [n for n in args.tasks_extra.split(",") if n]
+    tasks = [t for t in make_tasks(profile) if t.name in names]
+    extra = {} if args.d_coef is None else {"d_coef": args.d_coef}
     start = time.time()
     for task in tasks:
         sweep = []
@@ -49,7 +55,7 @@ def main() -> None:
             made: list[kaon.Autokaon] = []
 
             def factory(model, lr, cap=cap, made=made):
-                made.append(build_optimizer(model, kaon.Autokaon, lr=lr, lr_cap=cap))
+                made.append(build_optimizer(model, kaon.Autokaon, lr=lr, lr_cap=cap, **extra))
                 return made[-1]
 
             run = task.run(factory, 1.0, schedule="rex", seed=0, profile=profile)
