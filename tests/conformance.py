@@ -26,6 +26,8 @@ class Entry:
     per_parameter: bool = True
     # the weights carry a displacement between steps (Nekaon): the iterate is what eval() shows
     lookahead: bool = False
+    # False when one scalar tuned over all groups couples them (Autokaon's discovered rate)
+    independent_groups: bool = True
 
     def make(self, params, **overrides):
         return self.cls(params, **{**self.kwargs, **overrides})
@@ -142,6 +144,23 @@ OPTIMIZERS += [
     Entry("KProdigy-4bit-kahan", kaon.KProdigy,
           {"second_moment": "factored", "momentum_dtype": "4bit", "momentum_4bit_block": 64,
            "slice_p": 11, "bf16_method": "kahan"}, train_lr=1.0, per_parameter=False),
+    Entry("Autokaon", kaon.Autokaon, {"d0": 1e-3}, train_lr=1.0, per_parameter=False,
+          independent_groups=False, bad_args=[
+        (dict(lr_freeze="soon"), ValueError, "lr_freeze"),
+        (dict(lr_freeze=0), ValueError, "lr_freeze"),
+        (dict(lr_freeze=2.5), TypeError, "lr_freeze"),
+        (dict(d0=0.0), ValueError, "d0"),
+        (dict(d_coef=-1.0), ValueError, "d_coef"),
+        (dict(beta3=1.0), ValueError, "beta3"),
+        (dict(freeze_patience=0), ValueError, "freeze_patience"),
+        (dict(lr_cap="big"), TypeError, "lr_cap"),
+        (dict(slice_p=0), ValueError, "slice_p"),
+        (dict(betas=(1.0, 0.999)), ValueError, "betas[0]"),
+    ]),
+    # frozen after two steps: the rest of the suite then runs plain Adakaon through Autokaon
+    Entry("Autokaon-frozen-int8", kaon.Autokaon,
+          {"lr_freeze": 2, "d0": 1e-2, "momentum_dtype": "int8", "slice_p": 3}, train_lr=1.0,
+          per_parameter=False, independent_groups=False),
     Entry("KProdigy-options", kaon.KProdigy,
           {"betas": (0.0, 0.99), "weight_decay": 0.01,
            "safeguard_warmup": True, "d_update_freq": 2, "d0": 1e-5},

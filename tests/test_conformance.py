@@ -193,7 +193,8 @@ def test_per_group_lr_and_weight_decay(entry: Entry):
     assert not torch.equal(model.fc1.weight, start[4])
     decayed, _ = run(0.5)
     assert not torch.equal(decayed.fc1.weight, model.fc1.weight)
-    assert torch.equal(decayed.fc2.weight, model.fc2.weight)
+    if entry.independent_groups:  # else a shared tuned rate lets one group affect another
+        assert torch.equal(decayed.fc2.weight, model.fc2.weight)
 
 
 @pytest.mark.parametrize("entry", OPTIMIZERS, ids=repr)

@@ -136,3 +136,12 @@ def test_recipes_run():
         namespace: dict = {}
         exec(compile(block, "docs/recipes.md", "exec"), namespace)
         assert isinstance(namespace["opt"], kaon.KaonOptimizer)
+
+
+def test_autokaon_page_runs_and_documents_every_argument_and_key():
+    import kaon
+
+    namespace = _run_blocks("autokaon.md")
+    assert namespace["opt"].get_d() > 1e-4
+    _documents_every_argument_and_key("autokaon.md", kaon.Autokaon,
+                                      ("s", "p0", "m", "row", "col", "v", "m_scale", "shift"))

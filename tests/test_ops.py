@@ -48,3 +48,19 @@ def test_newton_schulz_is_batch_independent_over_many_draws(shape, dtype):
         for i in range(shape[0]):
             single = ops.newton_schulz(batch[i : i + 1], steps=5, dtype=dtype)[0]
             assert torch.equal(out[i], single), seed
+
+
+def test_dot_is_the_chunked_sum_of_the_product_and_batch_independent():
+    import torch
+
+    from kaon import ops
+
+    gen = torch.Generator().manual_seed(0)
+    for size in (7, 4096, 3 * 4096 + 5):
+        x = torch.randn(3, size, generator=gen)
+        y = torch.randn(3, size, generator=gen)
+        both = ops.dot(x, y)
+        torch.testing.assert_close(both, (x.double() * y.double()).sum(-1).float(),
+                                   rtol=1e-5, atol=1e-5)
+        for i in range(3):  # each slice alone gives the same bits
+            assert torch.equal(ops.dot(x[i:i + 1], y[i:i + 1]), both[i:i + 1])

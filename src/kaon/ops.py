@@ -58,6 +58,21 @@ def sum_squares(x: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
     return total.unsqueeze(dim) if keepdim else total
 
 
+def dot(x: Tensor, y: Tensor) -> Tensor:
+    """``sum(x * y)`` over the last dim (same shapes), chunked like :func:`sum`, without a
+    temporary for the product."""
+    size = x.shape[-1]
+    if size <= _CHUNK:
+        return torch.linalg.vecdot(x, y, dim=-1)
+    head = size - size % _CHUNK
+    shape = (*x.shape[:-1], head // _CHUNK, _CHUNK)
+    total = torch.linalg.vecdot(x[..., :head].reshape(shape), y[..., :head].reshape(shape),
+                                dim=-1).sum(dim=-1)
+    if head < size:
+        total = total + torch.linalg.vecdot(x[..., head:], y[..., head:], dim=-1)
+    return total
+
+
 def mean(x: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
     """Mean over ``dim`` (-1 or -2) with the chunked, batch-independent :func:`sum`."""
     return sum(x, dim=dim, keepdim=keepdim) / x.shape[dim]

@@ -142,6 +142,8 @@ ENTRIES: list[Entry] = [
     _entry("OAdamW", _kaon("OAdamW"), {"diffusion": 9e-3, "lm": 3e-2},
            blurb="StableAdamW core with optional Muon groups"),
     _entry("KProdigy", _kaon("KProdigy"), 1.0, blurb="parameter-free Prodigy, D per group"),
+    _entry("Autokaon", _kaon("Autokaon"), 1.0, default=False,
+           blurb="Adakaon with a discovered, then frozen lr (parameter-free)"),
     # the memory dial of every kaon optimizer (not in the default set: --only NAME or all)
     *[_entry(name, _kaon(cls, **kwargs), lr, default=False, blurb=blurb)
       for name, cls, kwargs, lr, blurb in [

@@ -4,6 +4,7 @@ from kaon.optim.adakaon import Adakaon
 from kaon.optim.adamuon import AdaMuon
 from kaon.optim.adamw import AdamW
 from kaon.optim.adapnm import AdaPNM
+from kaon.optim.autokaon import Autokaon
 from kaon.optim.kprodigy import KProdigy
 from kaon.optim.lion import Lion
 from kaon.optim.muon import Muon
@@ -11,5 +12,5 @@ from kaon.optim.nekaon import Nekaon
 from kaon.optim.oadamw import OAdamW
 from kaon.optim.schedulefree_adamw import ScheduleFreeAdamW
 
-__all__ = ["AdaMuon", "AdaPNM", "Adakaon", "AdamW", "KProdigy", "Lion", "Muon", "Nekaon",
+__all__ = ["AdaMuon", "AdaPNM", "Adakaon", "Autokaon", "AdamW", "KProdigy", "Lion", "Muon", "Nekaon",
            "OAdamW", "ScheduleFreeAdamW"]

@@ -130,11 +130,16 @@ class Adakaon(KaonOptimizer):
             slots.append(Slot("m", codec, view))
         return slots
 
+    def _step_lr(self, group: dict[str, Any]) -> float:
+        """The learning rate that scales this step's update: the group's ``lr`` (Autokaon
+        multiplies it by its discovered rate)."""
+        return group["lr"]
+
     def update(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         group, state = batch.group, batch.state
         beta1, beta2 = group["betas"]
         eps1 = group["eps"][0]
-        lr = group["lr"]
+        lr = self._step_lr(group)
         g = batch.grad
         if group["gradient_centralization"]:
             g = ops.centralize(g, out=batch.scratch("centered"))

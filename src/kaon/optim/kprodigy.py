@@ -401,7 +401,7 @@ class KProdigy(KaonOptimizer):
         g_s = self._gradient(batch).reshape(n, -1)[:, ::slice_p]
         p_s = batch.param.reshape(n, -1)[:, ::slice_p]
         diff = self._workspace.take("kprodigy:diff", g_s.shape, g_s.device)
-        dot = ops.sum(torch.sub(state["p0"], p_s, out=diff).mul_(g_s))
+        dot = ops.dot(torch.sub(state["p0"], p_s, out=diff), g_s)
         s = state["s"]
         old = s.clone() if batch.finite is not None else None
         s = s.mul_(scalars["beta3"]).add_(g_s, alpha=scalars["s_coef"])
