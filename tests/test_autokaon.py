@@ -211,3 +211,22 @@ def test_lr_freeze_none_never_freezes_and_lr_zero_group_is_left_out():
     assert all(torch.equal(a, b) for a, b in zip(before, params(model)[:2]))
     with pytest.raises(ValueError, match="optimizer-level"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))], "lr_freeze": 5})
+
+
+def test_gradient_release_refused_while_tuning_and_allowed_once_frozen():
+    model, x, y = model_and_data()
+    opt = kaon.Autokaon(model.parameters(), d0=1e-4, lr_freeze=3)
+    with pytest.raises(RuntimeError, match="Autokaon"):
+        kaon.prepare_for_gradient_release(model, opt)
+    run(model, opt, x, y, 3)
+    assert opt.is_frozen() and opt.gradient_release_blocker() is None
+    twin, reference = copy.deepcopy((model, opt))  # one memo: the copy steps the twin
+    kaon.prepare_for_gradient_release(model, opt)
+    try:
+        run(model, opt, x, y, 2, start=3)  # the hooks step; opt.step() finds no gradient
+        assert all(p.grad is None for p in model.parameters())  # released: freed by the hooks
+        run(twin, reference, x, y, 2, start=3)
+    finally:
+        kaon.remove_gradient_release(model)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)

@@ -219,17 +219,24 @@ class Autokaon(Adakaon):
                 new_state[key] = batch.state[key]  # kept as the statistics pass left them
         return delta, new_state
 
+    def gradient_release_blocker(self) -> str | None:
+        """Why Autokaon cannot step one parameter at a time now (``None`` once frozen)."""
+        if self._tuner["frozen"]:
+            return None
+        return (
+            "Autokaon cannot step one parameter at a time (gradient release / step_param / "
+            "step_parameter) while it is tuning its learning rate: the rate estimate is a "
+            "reduction over every parameter that must be complete before any update. Call "
+            "optimizer.step() after backward until is_frozen() is True (or pass an int "
+            "lr_freeze)."
+        )
+
     def step_param(self, p: Tensor, group: dict[str, Any]) -> None:
         """Adakaon's per-parameter step once frozen; while tuning it raises (see the class
         docstring)."""
-        if not self._tuner["frozen"]:
-            raise RuntimeError(
-                "Autokaon cannot step one parameter at a time (gradient release / step_param / "
-                "step_parameter) while it is tuning its learning rate: the rate estimate is a "
-                "reduction over every parameter that must be complete before any update. Call "
-                "optimizer.step() after backward until is_frozen() is True (or pass an int "
-                "lr_freeze)."
-            )
+        reason = self.gradient_release_blocker()
+        if reason is not None:
+            raise RuntimeError(reason)
         super().step_param(p, group)
 
     # ------------------------------------------------------------------------ the step
