@@ -120,7 +120,18 @@ def local(t):
 
 def assert_same(opt, ref, params, ref_params, what):
     """Every rank's pieces of the weights and state equal the same pieces of the reference's
-    (no collective: each rank checks its own rows, and the verdicts are combined)."""
+    (no collective: each rank checks its own rows). A mismatch is recorded in ``PROBLEMS``, not
+    raised, so that both ranks go on issuing the same collectives; the check raises at its end."""
+    try:
+        _compare(opt, ref, params, ref_params, what)
+    except AssertionError as error:
+        PROBLEMS.append(str(error))
+
+
+PROBLEMS: list[str] = []
+
+
+def _compare(opt, ref, params, ref_params, what):
     for i, (p, q) in enumerate(zip(params, ref_params)):
         a, b = local(p.detach()), piece(q.detach(), p)
         if a.dtype != b.dtype or not torch.equal(a, b):
@@ -186,7 +197,7 @@ def check_fsdp(entry, rank, dtype):
     get_optimizer_state_dict(model, opt)  # primes the empty optimizer with an lr-0 step
     for p, b in zip(model.parameters(), before):
         if not torch.equal(local(p.detach()), b):
-            raise AssertionError("the lr-0 priming step changed a weight")
+            PROBLEMS.append("the lr-0 priming step changed a weight")
     for step in range(STEPS):
         fsdp_step(model, opt, ref_model, ref, step, rank, dtype)
         assert_same(opt, ref, list(model.parameters()), list(ref_model.parameters()),
@@ -211,17 +222,17 @@ def check_dcp(entry, rank, dtype, path):
         # the resumed run against the uninterrupted one, compared shard by shard
         for i, (p, q) in enumerate(zip(model.parameters(), model2.parameters())):
             if not torch.equal(p.to_local(), q.to_local()):
-                raise AssertionError(f"resumed step {step}: parameter {i} differs")
+                PROBLEMS.append(f"resumed step {step}: parameter {i} differs")
         for key, a, b in state_pairs(opt2, opt, list(model2.parameters()),
                                      list(model.parameters())):
             a, b = (a.to_local(), b.to_local()) if hasattr(a, "to_local") else (a, b)
             same = torch.equal(a, b) if torch.is_tensor(a) else a == b
             if not same:
-                raise AssertionError(f"resumed step {step}: state {key!r} differs")
+                PROBLEMS.append(f"resumed step {step}: state {key!r} differs")
         for g, h in zip(opt.param_groups, opt2.param_groups):
             for key in g:
                 if key != "params" and g[key] != h[key]:
-                    raise AssertionError(f"resumed step {step}: group key {key!r} differs")
+                    PROBLEMS.append(f"resumed step {step}: group key {key!r} differs")
 
 
 def check_ddp(entry, rank, dtype):
@@ -277,12 +288,19 @@ def main(rank: int, world: int, port: int, out: str, names: list[str]) -> None:
                 if check in BF16_CHECKS and not entry.supports_bf16:
                     continue
                 start = time.perf_counter()
+                if os.environ.get("KAON_DIST_TRACE"):
+                    print(rank, entry.name, check, flush=True)
+                PROBLEMS.clear()
                 try:
                     run(entry, rank, os.path.join(out, "ckpt", entry.name, check))
+                    if PROBLEMS:
+                        raise AssertionError(f"rank {rank}: " + "; ".join(PROBLEMS[:3]))
                     outcome = "ok"
                 except Exception as error:  # recorded; the test of that entry fails
                     outcome = "".join(traceback.format_exception_only(error)).strip()
                     outcome += "\n" + traceback.format_exc()[-3000:]
+                if os.environ.get("KAON_DIST_TRACE") and outcome != "ok":
+                    print(rank, outcome, flush=True)
                 # every rank's verdict: a check fails if it failed anywhere
                 verdicts = [None] * world
                 dist.all_gather_object(verdicts, outcome)

@@ -128,3 +128,18 @@ def test_recipes_run():
         namespace: dict = {}
         exec(compile(block, "docs/recipes.md", "exec"), namespace)
         assert isinstance(namespace["opt"], kaon.KaonOptimizer)
+
+
+def test_checkpointing_page_round_trips_through_dcp():
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # DCP: "assuming a single process"
+        namespace = _run_blocks("checkpointing.md", only_last=True)
+    model, resumed = namespace["model"], namespace["resumed"]
+    assert all(p.dtype == torch.bfloat16 for p in resumed.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
+    state = namespace["resumed_opt"].state[resumed[0].weight]
+    assert state["m"].dtype == torch.int8

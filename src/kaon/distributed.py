@@ -204,7 +204,11 @@ def _gather(opt: KaonOptimizer, bucket: list[Tensor]) -> dict[int, tuple[Tensor,
         offset = 0
         for (_, _, t), col in zip(packed, sizes):
             if col[me]:
-                send[offset:offset + col[me]] = local(t).contiguous().view(-1).view(torch.uint8)
+                flat = local(t).reshape(-1)
+                if flat.stride(0) != 1:  # e.g. one element of a strided view: clone keeps it
+                    flat = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device
+                                       ).copy_(flat)
+                send[offset:offset + col[me]] = flat.view(torch.uint8)
             offset += col[me]
         received = torch.empty(ranks * width, dtype=torch.uint8, device=send.device)
         gather = getattr(torch.distributed, "all_gather_single", None) or \
