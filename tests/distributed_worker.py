@@ -44,6 +44,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+import kaon
+
 SEED = 1234
 STEPS = 3
 
@@ -209,8 +211,16 @@ def check_dcp(entry, rank, dtype, path):
     model, opt, ref_model, _ = built(entry, dtype, reference=False)
     for step in range(STEPS):
         fsdp_step(model, opt, ref_model, None, step, rank, dtype)
-    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-             checkpoint_id=path)
+    saved = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.save(saved, checkpoint_id=path)
+    # the gathered state, for the test that loads this checkpoint into one process
+    whole = {"model": {k: v.full_tensor() for k, v in saved["model"].items()},
+             "state": {fqn: {k: v.full_tensor() if hasattr(v, "full_tensor") else v
+                             for k, v in entry_state.items()}
+                       for fqn, entry_state in sorted(saved["optim"]["state"].items())},
+             "dtype": str(dtype)}
+    if rank == 0:
+        torch.save(whole, os.path.join(path, "whole.pt"))
     model2, opt2, ref_model2, _ = built(entry, dtype, seed_model=1, reference=False)
     target = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2)}
     dcp.load(target, checkpoint_id=path)
@@ -261,6 +271,20 @@ def check_ddp(entry, rank, dtype):
                        "replica weights")
 
 
+def check_synchronize_seed(rank):
+    torch.manual_seed(100 + rank)  # seed=None takes torch.initial_seed(): differs per rank
+    opt = kaon.Adakaon([nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))])
+    seeds = [None] * dist.get_world_size()
+    dist.all_gather_object(seeds, opt.seed)
+    if len(set(seeds)) != len(seeds):
+        raise AssertionError(f"the seeds already agree before synchronizing: {seeds}")
+    kaon.distributed.synchronize_seed(opt)
+    after = [None] * dist.get_world_size()
+    dist.all_gather_object(after, opt.seed)
+    if after != [seeds[0]] * len(seeds):
+        raise AssertionError(f"synchronize_seed gave {after}, expected rank 0's {seeds[0]}")
+
+
 CHECKS = {
     "fsdp": lambda e, r, path: check_fsdp(e, r, torch.float32),
     "fsdp_bf16": lambda e, r, path: check_fsdp(e, r, torch.bfloat16),
@@ -279,7 +303,12 @@ def main(rank: int, world: int, port: int, out: str, names: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     entries = [e for e in OPTIMIZERS if e.name in names]
-    results: dict[str, dict[str, str]] = {}
+    results: dict[str, dict[str, str]] = {"_global": {}}
+    try:
+        check_synchronize_seed(rank)
+        results["_global"]["synchronize_seed"] = "ok"
+    except Exception as error:
+        results["_global"]["synchronize_seed"] = repr(error)
     timings: dict[str, float] = {}
     try:
         for entry in entries:

@@ -41,7 +41,9 @@ def results(tmp_path_factory):
     mp.spawn(distributed_worker.main, args=(WORLD, _free_port(), str(out), names),
              nprocs=WORLD, join=True)
     with open(out / "results.json") as f:
-        return json.load(f)
+        found = json.load(f)
+    found["_path"] = str(out)
+    return found
 
 
 CASES = [(e.name, check) for e in OPTIMIZERS
@@ -64,3 +66,52 @@ def test_unknown_distributed_mode_is_rejected_before_any_change():
         opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))],
                              "distributed_mode": "approximate"})
     assert len(opt.param_groups) == 1
+
+
+def test_synchronize_seed_gives_every_rank_rank0s_seed(results):
+    assert results["_global"]["synchronize_seed"] == "ok", results["_global"]
+
+
+DCP_ENTRIES = [e for e in OPTIMIZERS]
+
+
+@pytest.mark.parametrize("entry", DCP_ENTRIES, ids=repr)
+def test_sharded_checkpoint_loads_into_one_process(results, entry):
+    """The 2-rank FSDP2 checkpoint of the ``dcp`` check, loaded by one process into a plain
+    model and optimizer: weights and state equal the gathered state of the sharded run."""
+    import warnings
+
+    import distributed_worker as worker
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    assert results[entry.name]["dcp"] == "ok"
+    path = results["_path"] + f"/ckpt/{entry.name}/dcp"
+    whole = torch.load(path + "/whole.pt", weights_only=True)
+    dtype = torch.bfloat16 if whole["dtype"] == "torch.bfloat16" else torch.float32
+    model = worker.make_model(dtype, seed=3)
+    opt = entry.make(list(model.parameters()), lr=entry.train_lr, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming a single process"
+        target = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(target, checkpoint_id=path)
+        set_model_state_dict(model, target["model"])
+        set_optimizer_state_dict(model, opt, target["optim"])
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), whole["model"][name]), name
+    names = dict(model.named_parameters())
+    assert sorted(whole["state"]) == sorted(names)
+    for fqn, saved in whole["state"].items():
+        state = opt.state[names[fqn]]
+        assert sorted(state) == sorted(saved), fqn
+        for key, value in saved.items():
+            if torch.is_tensor(value):
+                assert state[key].dtype == value.dtype and torch.equal(state[key], value), key
+            else:
+                assert state[key] == value, key
+    assert opt.seed == worker.SEED
