@@ -285,6 +285,33 @@ def check_synchronize_seed(rank):
         raise AssertionError(f"synchronize_seed gave {after}, expected rank 0's {seeds[0]}")
 
 
+def check_nonfinite(rank, policy):
+    """A NaN in rank 1's shard of one tensor: under "skip" that tensor keeps its weights on
+    every rank while the others step; under "raise" every rank raises before any change."""
+    model = shard(make_model(torch.float32))
+    opt = kaon.Adakaon(list(model.parameters()), lr=1e-2, nonfinite_grad=policy, seed=SEED)
+    loss_of(model, *half(0, rank, torch.float32)).backward()
+    if rank == 1:
+        local(model.fc1.weight.grad)[0, 0] = float("nan")
+    before = {n: local(p.detach()).clone() for n, p in model.named_parameters()}
+    raised = False
+    try:
+        opt.step()
+    except FloatingPointError:
+        raised = True
+    after = {n: local(p.detach()) for n, p in model.named_parameters()}
+    if policy == "raise":
+        if not raised:
+            raise AssertionError("nonfinite_grad='raise' did not raise on this rank")
+        if any(not torch.equal(before[n], after[n]) for n in before):
+            raise AssertionError("a weight changed although the step raised")
+    else:
+        if not torch.equal(before["fc1.weight"], after["fc1.weight"]):
+            raise AssertionError("the tensor with a non-finite shard was stepped on this rank")
+        if torch.equal(before["fc2.weight"], after["fc2.weight"]):
+            raise AssertionError("a tensor with finite gradients was not stepped")
+
+
 CHECKS = {
     "fsdp": lambda e, r, path: check_fsdp(e, r, torch.float32),
     "fsdp_bf16": lambda e, r, path: check_fsdp(e, r, torch.bfloat16),
@@ -309,6 +336,16 @@ def main(rank: int, world: int, port: int, out: str, names: list[str]) -> None:
         results["_global"]["synchronize_seed"] = "ok"
     except Exception as error:
         results["_global"]["synchronize_seed"] = repr(error)
+    for policy in ("skip", "raise"):
+        try:
+            check_nonfinite(rank, policy)
+            outcome = "ok"
+        except Exception as error:
+            outcome = f"rank {rank}: {error!r}"
+        verdicts = [None] * world
+        dist.all_gather_object(verdicts, outcome)
+        bad = [v for v in verdicts if v != "ok"]
+        results["_global"][f"nonfinite_{policy}"] = bad[0] if bad else "ok"
     timings: dict[str, float] = {}
     try:
         for entry in entries:

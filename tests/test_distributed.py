@@ -72,6 +72,11 @@ def test_synchronize_seed_gives_every_rank_rank0s_seed(results):
     assert results["_global"]["synchronize_seed"] == "ok", results["_global"]
 
 
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_nonfinite_shard_is_decided_for_the_whole_tensor(results, policy):
+    assert results["_global"][f"nonfinite_{policy}"] == "ok", results["_global"]
+
+
 DCP_ENTRIES = [e for e in OPTIMIZERS]
 
 

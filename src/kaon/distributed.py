@@ -12,8 +12,10 @@ int8 row scales are local but the 4-bit block scales are not, Newton-Schulz need
 matrix, KProdigy's slices and ``D``), so rather than re-deriving each rule for shards, the step of
 one sharded tensor is:
 
-1. all-gather its parameter, gradient and state (``DTensor.full_tensor()``, a few collectives per
-   tensor, in the group's parameter order on every rank);
+1. gather its parameter, gradient and state: on a 1-D mesh every ``Shard(0)`` piece of a bucket
+   of tensors (up to :data:`GATHER_BUDGET` bytes of whole tensors) travels in one
+   ``all_gather`` of a byte buffer; anything else through ``DTensor.full_tensor()``; always in
+   the group's parameter order, the same on every rank;
 2. run the optimizer's own rule on the whole tensor through the ordinary engine (a chunk of one,
    the per-parameter path), exactly as a single process would;
 3. keep the local rows: the parameter's local shard is overwritten with its rows of the result,

@@ -241,11 +241,12 @@ class KaonOptimizer(torch.optim.Optimizer):
         return self.train(False)
 
     def state_bytes(self) -> int:
-        """Bytes held by every tensor in the optimizer state."""
+        """Bytes held by every tensor in the optimizer state (on this rank, under FSDP2)."""
         total = 0
         for state in self.state.values():
             for value in state.values():
                 if isinstance(value, Tensor):
+                    value = distributed.local(value)  # under FSDP2: this rank's piece
                     total += value.numel() * value.element_size()
         return total
 
@@ -260,7 +261,7 @@ class KaonOptimizer(torch.optim.Optimizer):
 
     def bytes_per_param(self) -> float:
         """``state_bytes()`` divided by the number of parameters in all groups."""
-        count = sum(p.numel() for g in self.param_groups for p in g["params"])
+        count = sum(distributed.local(p).numel() for g in self.param_groups for p in g["params"])
         return self.state_bytes() / max(count, 1)
 
     # ---------------------------------------------------------------------- checkpoints
