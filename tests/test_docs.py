@@ -145,3 +145,18 @@ def test_autokaon_page_runs_and_documents_every_argument_and_key():
     assert namespace["opt"].get_d() > 1e-4
     _documents_every_argument_and_key("autokaon.md", kaon.Autokaon,
                                       ("s", "p0", "m", "row", "col", "v", "m_scale", "shift"))
+
+
+def test_checkpointing_page_round_trips_through_dcp():
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # DCP: "assuming a single process"
+        namespace = _run_blocks("checkpointing.md", only_last=True)
+    model, resumed = namespace["model"], namespace["resumed"]
+    assert all(p.dtype == torch.bfloat16 for p in resumed.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
+    state = namespace["resumed_opt"].state[resumed[0].weight]
+    assert state["m"].dtype == torch.int8

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from kaon import distributed as _distributed
 from kaon import ops, precision
 from kaon.state.codecs import Codec, FloatCodec
 
@@ -322,7 +323,8 @@ Statistics = Callable[["Batch"], tuple[Tensor, dict[str, Tensor]]]
 
 def run_group(opt: KaonOptimizer, group: dict, params: list[Tensor], *,
               statistics: Statistics | None = None,
-              reads: Collection[str] = ()) -> list[tuple[list[Tensor], Tensor]]:
+              reads: Collection[str] = (), plan_only: bool = False
+              ) -> list[tuple[list[Tensor], Tensor]]:
     """Run the optimizer's rule over ``params`` (all with gradients) of ``group``.
 
     With ``statistics`` (a *statistics pass*, for optimizers that need a reduction over all
@@ -332,7 +334,14 @@ def run_group(opt: KaonOptimizer, group: dict, params: list[Tensor], *,
     stored (kept unchanged for tensors with a non-finite gradient), and the per-tensor ``stats``
     (``[N, ...]``) are returned as ``(chunk parameters, stats)`` pairs, in chunk order. The
     chunks are those of the update pass (same plan). Without it the return value is ``[]``.
+
+    With ``plan_only`` the plan is built (missing state created, existing state checked) and
+    no rule runs: the lr-0 priming step of ``torch.distributed.checkpoint`` uses it. DTensor
+    parameters (FSDP2) are handed to :func:`kaon.distributed.run_group`.
     """
+    if _distributed.has_dtensor(params):
+        return _distributed.run_group(opt, group, params, statistics=statistics, reads=reads,
+                                      plan_only=plan_only)
     params = [p for p in params if p.numel() > 0]  # nothing to update in an empty tensor
     if not params:
         return []
@@ -349,6 +358,8 @@ def run_group(opt: KaonOptimizer, group: dict, params: list[Tensor], *,
             cache.popitem(last=False)
     else:
         cache.move_to_end(key)
+    if plan_only:
+        return []
     if statistics is not None:
         return [(chunk.params, _run_chunk(opt, group, chunk, statistics, reads))
                 for chunk in chunks]

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from kaon import engine
+from kaon import distributed, engine
 from kaon.engine import Batch, Slot
 from kaon.validation import Check, check_all, choice, integer
 
@@ -133,6 +133,7 @@ class KaonOptimizer(torch.optim.Optimizer):
             raise TypeError(f"param_group must be a dict; got {type(param_group).__name__}")
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         check_all(self.hyperparameter_checks, merged, type(self).__name__)
+        distributed.check_mode(merged, type(self).__name__)
         params = param_group.get("params")
         tensors = [params] if isinstance(params, Tensor) else list(params or [])
         if not isinstance(params, (Tensor, list, tuple, set)):
@@ -193,7 +194,23 @@ class KaonOptimizer(torch.optim.Optimizer):
                 loss = closure()
         work = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
         self._check_gradients(chain.from_iterable(params for _, params in work))
+        if self._is_priming(work):
+            # torch.distributed.checkpoint's state-dict helpers prime an empty optimizer with
+            # zero gradients and lr = 0: create the state, change nothing else (no counter,
+            # moment, D, average or random stream moves)
+            for group, params in work:
+                engine.run_group(self, group, params, plan_only=True)
+            return loss, [(group, []) for group, _ in work]
         return loss, work
+
+    def _is_priming(self, work: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:
+        """Whether this step has lr = 0 in every group with gradients and only all-zero
+        gradients (the priming step of ``torch.distributed.checkpoint.state_dict``)."""
+        params = [p for _, ps in work for p in ps]
+        if not params or any(float(g.get("lr", 1.0)) != 0.0 for g, ps in work if ps):
+            return False
+        zero = all(not bool(distributed.local(p.grad).any()) for p in params)
+        return distributed.all_ranks_agree(zero, params)
 
     @torch.no_grad()
     def step_param(self, p: Tensor, group: dict[str, Any]) -> None:
@@ -233,11 +250,12 @@ class KaonOptimizer(torch.optim.Optimizer):
         return self.train(False)
 
     def state_bytes(self) -> int:
-        """Bytes held by every tensor in the optimizer state."""
+        """Bytes held by every tensor in the optimizer state (on this rank, under FSDP2)."""
         total = 0
         for state in self.state.values():
             for value in state.values():
                 if isinstance(value, Tensor):
+                    value = distributed.local(value)  # under FSDP2: this rank's piece
                     total += value.numel() * value.element_size()
         return total
 
@@ -252,7 +270,7 @@ class KaonOptimizer(torch.optim.Optimizer):
 
     def bytes_per_param(self) -> float:
         """``state_bytes()`` divided by the number of parameters in all groups."""
-        count = sum(p.numel() for g in self.param_groups for p in g["params"])
+        count = sum(distributed.local(p).numel() for g in self.param_groups for p in g["params"])
         return self.state_bytes() / max(count, 1)
 
     # ---------------------------------------------------------------------- checkpoints
@@ -262,11 +280,19 @@ class KaonOptimizer(torch.optim.Optimizer):
         Like torch's, the state tensors are references, not copies: ``torch.save`` it before
         training on if a frozen copy is needed.
         """
+        for device in {distributed.local(p).device for g in self.param_groups
+                       for p in g["params"]}:
+            self._generator(device)  # every device's stream, so the entry's layout is fixed
         state = super().state_dict()
-        state[_CHECKPOINT_KEY] = {
+        entry = {
             "seed": self.seed,
             "generators": {str(d): g.get_state() for d, g in self._generators.items()},
         }
+        state[_CHECKPOINT_KEY] = entry
+        if state["param_groups"]:
+            # torch.distributed.checkpoint keeps only "state" and "param_groups": the same entry
+            # rides in the first group and is taken out again by load_state_dict
+            state["param_groups"][0][_CHECKPOINT_KEY] = entry
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -280,7 +306,11 @@ class KaonOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         extra = state_dict.pop(_CHECKPOINT_KEY, None)
         saved_state = state_dict.get("state", {})
-        saved_groups = state_dict.get("param_groups", [])
+        saved_groups = [dict(g) for g in state_dict.get("param_groups", [])]
+        for group in saved_groups:
+            in_group = group.pop(_CHECKPOINT_KEY, None)
+            extra = extra or in_group  # a torch.distributed.checkpoint round trip keeps this one
+        state_dict["param_groups"] = saved_groups
         super().load_state_dict(state_dict)
         current = chain.from_iterable(g["params"] for g in self.param_groups)
         saved_ids = chain.from_iterable(g["params"] for g in saved_groups)
@@ -315,14 +345,20 @@ class KaonOptimizer(torch.optim.Optimizer):
     def _check_gradients(self, params: Iterable[Tensor]) -> None:
         params = list(params)
         for p in params:
-            if p.grad.layout != torch.strided:
+            if distributed.local(p.grad).layout != torch.strided:
                 raise TypeError(
                     f"{type(self).__name__} does not support sparse gradients (parameter of shape "
                     f"{tuple(p.shape)}); use a dense embedding (sparse=False)"
                 )
         if self.nonfinite_grad == "raise" and params:
             # exact: a norm would overflow for large but finite gradients
-            finite = torch.stack([torch.isfinite(p.grad).all().cpu() for p in params])
+            finite = torch.stack([torch.isfinite(distributed.local(p.grad)).all().cpu()
+                                  for p in params])
+            if distributed.has_dtensor(params):  # a shard's verdict holds for the whole tensor
+                finite = finite.to(torch.int64)
+                for group in distributed._groups_of(params):
+                    torch.distributed.all_reduce(finite, torch.distributed.ReduceOp.MIN, group)
+                finite = finite.bool()
             bad = (~finite).nonzero().flatten().tolist()
             if bad:
                 shape = tuple(params[bad[0]].shape)

@@ -1,0 +1,372 @@
+"""Sharded parameters (FSDP2 / DTensor), replicas (DDP) and the collectives they need.
+
+kaon's rules are written over plain tensors with a leading batch dimension. When a group holds
+``torch.distributed.tensor.DTensor`` parameters (``fully_shard`` makes every parameter one, a
+``Shard(0)`` piece per rank, uneven when the rows do not divide), :func:`kaon.engine.run_group`
+hands them to :func:`run_group` here. Plain parameters of the same group take the ordinary path.
+
+**How a sharded parameter is stepped (``distributed_mode="exact"``, the default and, in this
+version, the only mode).** Every rule of every kaon optimizer needs some statistic over the whole
+tensor (the factored column moment, ``mean(row)``, the RMS clip, cautious masking's mean, the
+int8 row scales are local but the 4-bit block scales are not, Newton-Schulz needs the whole
+matrix, KProdigy's slices and ``D``), so rather than re-deriving each rule for shards, the step of
+one sharded tensor is:
+
+1. gather its parameter, gradient and state: on a 1-D mesh every ``Shard(0)`` piece of a bucket
+   of tensors (up to :data:`GATHER_BUDGET` bytes of whole tensors) travels in one
+   ``all_gather`` of a byte buffer; anything else through ``DTensor.full_tensor()``; always in
+   the group's parameter order, the same on every rank;
+2. run the optimizer's own rule on the whole tensor through the ordinary engine (a chunk of one,
+   the per-parameter path), exactly as a single process would;
+3. keep the local rows: the parameter's local shard is overwritten with its rows of the result,
+   and every state tensor keeps its own rows.
+
+The result is bit-identical to a single process stepping the same tensor with the same gradient
+(tested for every optimizer in the conformance registry), for every rule, including the global
+scalars (KProdigy's ``D`` is reduced from whole-tensor statistics that every rank computes
+alike, so it agrees on every rank by construction). The price: per step and tensor, the gather of
+its gradient, weights and state (roughly what FSDP's own forward gather of the weights costs, plus
+the state), transient memory of one whole tensor's working set, and the rule computed redundantly
+on every rank. At rest, everything stays sharded.
+
+**State layout.** Each state tensor is a ``DTensor`` on the parameter's mesh whose *global* value
+is exactly the single-process state: ``Shard(0)`` over its own first dimension (with
+``torch.chunk`` sizes, the layout FSDP2 gives parameters) where the parameter is ``Shard(0)``,
+replicated otherwise, and replicated for 0-D state. Row-aligned state (``m``, ``row``, int8
+``m_scale``, the Kahan ``shift``) therefore holds the same rows as the parameter; column moments
+``[C]``, 4-bit codes and block scales (flat, blocked over the whole tensor) are split by their own
+length, so a block may straddle two ranks at rest; that is harmless because blocks are only
+decoded after the gather. ``torch.distributed.checkpoint`` sees ordinary sharded tensors whose
+``full_tensor()`` equals the single-process state, so a checkpoint can be loaded at another world
+size or into a single process.
+
+**Stochastic rounding.** Every rank rounds the whole tensor with the optimizer's generator and
+keeps its rows; with the same ``seed`` on every rank (pass ``seed=`` or call
+:func:`synchronize_seed`) the rows are those a single process would write. Under DDP every rank
+steps the same plain tensors, so replicas stay bit-identical only if their generators agree:
+``seed=None`` takes ``torch.initial_seed()``, which differs between processes unless every rank
+called ``torch.manual_seed`` with the same value.
+
+The per-group key ``distributed_mode`` selects the strategy; ``"exact"`` is the only value
+accepted in this version (a shard-local approximation, ``"local"``, is reserved; see
+docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Collection, Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from kaon import engine
+
+if TYPE_CHECKING:
+    from kaon.optimizer import KaonOptimizer
+
+__all__ = ["MODES", "MODE_KEY", "is_dtensor", "has_dtensor", "local", "run_group",
+           "synchronize_seed", "all_ranks_agree"]
+
+MODE_KEY = "distributed_mode"
+#: accepted values of the group key ``distributed_mode``
+MODES = ("exact",)
+
+_DTENSOR: Any = None
+
+
+def _dtensor_type() -> type | tuple:
+    """DTensor, once ``torch.distributed.tensor`` has been imported (no DTensor can exist
+    before); until then ``()``, against which ``isinstance`` is always False."""
+    global _DTENSOR
+    if _DTENSOR is None:
+        module = sys.modules.get("torch.distributed.tensor")
+        if module is None:
+            return ()
+        _DTENSOR = module.DTensor
+    return _DTENSOR
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor``."""
+    return isinstance(t, _dtensor_type())
+
+
+def has_dtensor(tensors: Iterable[Any]) -> bool:
+    """Whether any of ``tensors`` is a DTensor."""
+    kind = _dtensor_type()
+    return any(isinstance(t, kind) for t in tensors)
+
+
+def local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (sharing its storage), or ``t`` itself."""
+    return t._local_tensor if is_dtensor(t) else t
+
+
+def check_mode(group: dict[str, Any], owner: str) -> str:
+    """The group's ``distributed_mode`` (default ``"exact"``); ValueError if unknown."""
+    mode = group.get(MODE_KEY, "exact")
+    if mode not in MODES:
+        raise ValueError(
+            f"{owner}: distributed_mode must be one of {', '.join(map(repr, MODES))}; got "
+            f"{mode!r}"
+        )
+    return mode
+
+
+def run_group(opt: KaonOptimizer, group: dict, params: list[Tensor], *,
+              statistics: engine.Statistics | None = None, reads: Collection[str] = (),
+              plan_only: bool = False) -> list[tuple[list[Tensor], Tensor]]:
+    """:func:`kaon.engine.run_group` for a list that holds DTensor parameters.
+
+    Plain parameters run through the engine as usual; each DTensor parameter is gathered,
+    stepped whole and scattered back (see the module docstring), in list order, which is the
+    same on every rank. With ``statistics`` the per-tensor statistics are returned as
+    ``([p], stats)`` pairs with the DTensor parameter ``p``; with ``plan_only`` the state is
+    created (and checked) and nothing else happens.
+    """
+    check_mode(group, type(opt).__name__)
+    plain = [p for p in params if not is_dtensor(p)]
+    out: list[tuple[list[Tensor], Tensor]] = []
+    if plain:
+        out += engine.run_group(opt, group, plain, statistics=statistics, reads=reads,
+                                plan_only=plan_only)
+    sharded = [p for p in params if is_dtensor(p)]
+    for bucket in _buckets(sharded):
+        gathered = _gather(opt, bucket)
+        for p in bucket:
+            stats = _step_whole(opt, group, p, gathered.pop(id(p)), statistics, reads,
+                                plan_only)
+            if stats is not None:
+                out.append(([p], stats))
+    return out
+
+
+#: at most this many bytes of whole tensors (parameter, gradient, state) are gathered at once
+GATHER_BUDGET = 64 * 2**20
+
+
+def _buckets(params: list[Tensor]) -> list[list[Tensor]]:
+    """Consecutive runs of parameters whose whole tensors fit the gather budget together."""
+    buckets: list[list[Tensor]] = []
+    size = 0
+    for p in params:
+        nbytes = 3 * p.numel() * p.element_size()
+        if not buckets or size + nbytes > GATHER_BUDGET:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(p)
+        size += nbytes
+    return buckets
+
+
+def _row_split(rows: int, ranks: int) -> list[int]:
+    """Rows per rank of a ``Shard(0)`` dimension of ``rows`` (torch.chunk sizes, padded)."""
+    chunk = -(-rows // ranks) if rows else 0
+    return [max(0, min(rows, chunk * (r + 1)) - chunk * r) for r in range(ranks)]
+
+
+def _sharded_rows(t: Any, mesh) -> bool:
+    """Whether ``t`` is a DTensor on the 1-D ``mesh`` placed ``Shard(0)`` (packable)."""
+    from torch.distributed.tensor import Shard
+
+    return (is_dtensor(t) and t.device_mesh == mesh and len(t.placements) == 1
+            and isinstance(t.placements[0], Shard) and t.placements[0].dim == 0)
+
+
+def _gather(opt: KaonOptimizer, bucket: list[Tensor]) -> dict[int, tuple[Tensor, Tensor | None, dict]]:
+    """Whole parameter, gradient and state of every parameter of ``bucket``, keyed by id.
+
+    On a 1-D mesh every ``Shard(0)`` piece of the bucket travels in one ``all_gather`` of a
+    byte buffer (each rank's pieces back to back, padded to rank 0's size, the largest);
+    anything else (other meshes or placements) is gathered tensor by tensor with
+    ``full_tensor()``. The order is the bucket's, then sorted state keys: the same on every
+    rank.
+    """
+    mesh = bucket[0].device_mesh
+    packable = mesh.ndim == 1
+    items: list[tuple[int, str, Any]] = []
+    for p in bucket:
+        items.append((id(p), "param", p))
+        items.append((id(p), "grad", p.grad))
+        state = opt.state[p]
+        for key in sorted(state):
+            items.append((id(p), key, state[key]))
+    packed = [it for it in items if packable and _sharded_rows(it[2], mesh)]
+    whole: dict[tuple[int, str], Any] = {}
+    if packed:
+        ranks = mesh.size()
+        me = mesh.get_local_rank()
+        sizes = [[rows * math.prod(t.shape[1:]) * t.element_size()
+                  for rows in _row_split(t.shape[0], ranks)] for _, _, t in packed]
+        width = max(sum(col[r] for col in sizes) for r in range(ranks))
+        send = torch.zeros(width, dtype=torch.uint8, device=local(packed[0][2]).device)
+        offset = 0
+        for (_, _, t), col in zip(packed, sizes):
+            if col[me]:
+                flat = local(t).reshape(-1)
+                if flat.stride(0) != 1:  # e.g. one element of a strided view: clone keeps it
+                    flat = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device
+                                       ).copy_(flat)
+                send[offset:offset + col[me]] = flat.view(torch.uint8)
+            offset += col[me]
+        received = torch.empty(ranks * width, dtype=torch.uint8, device=send.device)
+        gather = getattr(torch.distributed, "all_gather_single", None) or \
+            torch.distributed.all_gather_into_tensor
+        gather(received, send, group=mesh.get_group())
+        received = received.view(ranks, width)
+        starts = [0] * ranks
+        for (pid, key, t), col in zip(packed, sizes):
+            parts = []
+            for r in range(ranks):
+                chunk = received[r, starts[r]:starts[r] + col[r]]
+                starts[r] += col[r]
+                parts.append(chunk)
+            whole[(pid, key)] = torch.cat(parts).view(t.dtype).view(t.shape)  # a fresh copy
+    out: dict[int, tuple[Tensor, Tensor | None, dict]] = {}
+    for p in bucket:
+        out[id(p)] = (None, None, {})
+    for pid, key, t in items:
+        value = whole.get((pid, key))
+        if value is None:
+            value = t.full_tensor() if is_dtensor(t) else t
+        param, grad, state = out[pid]
+        if key == "param":
+            out[pid] = (value, grad, state)
+        elif key == "grad":
+            out[pid] = (param, value, state)
+        else:
+            state[key] = value
+    return out
+
+
+def _step_whole(opt: KaonOptimizer, group: dict, p: Tensor, gathered, statistics, reads,
+                plan_only: bool) -> Tensor | None:
+    """Run the engine on the whole tensor (gathered by :func:`_gather`); keep the local rows of
+    the new parameter and state."""
+    whole, grad, state_whole = gathered
+    whole.grad = grad
+    state = opt.state[p]
+    opt.state[whole] = state_whole
+    try:
+        runs = engine.run_group(opt, group, [whole], statistics=statistics, reads=reads,
+                                plan_only=plan_only)
+        cache = opt._plans.get((id(group), True))
+        if cache is not None:  # the stand-in is new each step: do not keep its plan
+            cache.pop(engine._plan_key(opt, group, [whole]), None)
+    finally:
+        new_state = opt.state.pop(whole, {})
+    if not plan_only and statistics is None:
+        _keep_rows(local(p), whole, p)
+    _store_sharded(state, new_state, p)
+    if statistics is not None and runs:
+        return torch.cat([stats for _, stats in runs])
+    return None
+
+
+def _local_slices(shape: torch.Size, mesh, placements) -> tuple[slice, ...]:
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    size, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
+    return tuple(slice(o, o + s) for o, s in zip(offset, size))
+
+
+def _keep_rows(target: Tensor, whole: Tensor, like: Tensor) -> None:
+    """Copy ``like``'s local piece of the global tensor ``whole`` into ``target``."""
+    target.copy_(whole[_local_slices(whole.shape, like.device_mesh, like.placements)])
+
+
+def _state_placements(p: Tensor, value: Tensor) -> list:
+    from torch.distributed.tensor import Replicate, Shard
+
+    placements = []
+    for placement in p.placements:
+        sharded = isinstance(placement, Shard) and placement.dim == 0 and value.ndim >= 1
+        placements.append(Shard(0) if sharded else Replicate())
+    return placements
+
+
+def _contiguous_stride(shape: torch.Size) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for size in reversed(shape):
+        stride.append(acc)
+        acc *= max(size, 1)
+    return tuple(reversed(stride))
+
+
+def _store_sharded(state: dict, new_state: dict, p: Tensor) -> None:
+    """Store the whole-tensor state ``new_state`` into ``state`` as DTensors holding this
+    rank's piece (in place where the stored DTensor already has the layout)."""
+    from torch.distributed.tensor import DTensor
+
+    for key in [k for k in state if k not in new_state]:
+        del state[key]  # the engine dropped it (e.g. momentum after beta1 was set to 0)
+    for key, value in new_state.items():
+        if not isinstance(value, Tensor) or is_dtensor(value):
+            state[key] = value
+            continue
+        placements = _state_placements(p, value)
+        piece = value[_local_slices(value.shape, p.device_mesh, placements)] if value.ndim \
+            else value
+        old = state.get(key)
+        if (is_dtensor(old) and old.shape == value.shape and old.dtype == value.dtype
+                and list(old.placements) == placements
+                and local(old).shape == piece.shape):
+            local(old).copy_(piece)
+        else:
+            state[key] = DTensor.from_local(
+                piece.clone(), p.device_mesh, placements, run_check=False,
+                shape=value.shape, stride=_contiguous_stride(value.shape),
+            )
+
+
+# ------------------------------------------------------------------------- collectives
+def _groups_of(params: Iterable[Tensor]) -> list:
+    """The process groups over which the DTensors among ``params`` are spread (deduplicated)."""
+    groups, seen = [], set()
+    for p in params:
+        if not is_dtensor(p):
+            continue
+        mesh = p.device_mesh
+        for dim in range(mesh.ndim):
+            group = mesh.get_group(dim)
+            if id(group) not in seen:
+                seen.add(id(group))
+                groups.append(group)
+    return groups
+
+
+def all_ranks_agree(flag: bool, params: Iterable[Tensor]) -> bool:
+    """``flag`` and-ed over every rank that holds a shard of a DTensor among ``params``.
+
+    Without DTensors (or without an initialized process group) this is ``flag`` itself. Every
+    rank of those meshes must call it (it is a collective).
+    """
+    groups = _groups_of(params)
+    if not groups or not torch.distributed.is_initialized():
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    for group in groups:
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN, group=group)
+    return bool(value.item())
+
+
+def synchronize_seed(optimizer: KaonOptimizer, src: int = 0, group: Any = None) -> int:
+    """Give every rank the stochastic-rounding seed of rank ``src`` and restart the streams.
+
+    For DDP (every replica steps the same tensors) and for FSDP2's exact mode: the rounding of
+    bf16 / fp16 weights then agrees across ranks, as a single process would round. Call it on
+    every rank after building the optimizer and before the first step (it resets the
+    generators). Not needed when ``seed=`` was given the same value on every rank. Returns the
+    seed.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return optimizer.seed
+    seed = torch.tensor([optimizer.seed], dtype=torch.int64)
+    dist.broadcast(seed, src=src, group=group)
+    optimizer.seed = int(seed.item())
+    optimizer._generators = {}
+    return optimizer.seed
