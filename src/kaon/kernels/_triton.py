@@ -1,0 +1,384 @@
+"""Triton kernels of the fused rules (imported only when Triton is installed).
+
+Every kernel runs over one engine chunk: ``N`` tensors with the same view ``[R, C]`` (a 1-D
+view is one row, ``R = 1``). Gradients and parameters are reached through pointer tables (one
+int64 address per tensor), state through the engine's packed ``[N, ...]`` buffers. A program is
+identified by ``(n, k)``: tensor ``n`` and the ``k``-th range of that tensor, so one launch
+covers the whole chunk whatever the sizes of its tensors (many small ones: ``N`` programs of
+one range; one large one: many ranges).
+
+Reductions are deterministic: a program reduces its own range in registers and writes one
+partial per range; the consumer adds the partials in a fixed order. Maxima (int8 row and
+4-bit block scales) use ``atomic_max``, which is exact in any order. So a fused step gives the
+same bits every time, and a resumed run continues bit for bit.
+
+The passes of a step (see :mod:`kaon.kernels.rules` for which rule uses which):
+
+``rows``      per row range: ``sum g`` (the non-finite flag), the row means (centralization)
+              and, for the factored second moment, the row sums and per-range column sums of
+              the centralized ``g**2``
+``factors``   row / column EMAs (stored), ``1/sqrt(row_i / mean(row))`` and ``1/sqrt(col_j)``
+``sumsq``     per flat range: ``sum u**2`` of the normalized update (the RMS clip)
+``moment``    per flat range: the new momentum, the step before masking, the cautious count,
+              the absmax of every int8 row / 4-bit block of the new momentum
+``apply``     per flat range of element pairs: the masked, lr-scaled step written into the
+              parameters (fp32, or bf16 with stochastic rounding or round to nearest) and the
+              new momentum / second moment encoded into the state; nothing is written for a
+              tensor whose gradient is not finite
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# rule ids (constexpr)
+ADAKAON = 0
+LION = 1
+
+# momentum codecs (constexpr)
+M_NONE = 0
+M_FLOAT32 = 1
+M_BFLOAT16 = 2
+M_INT8 = 3
+M_4BIT = 4
+
+
+@triton.jit
+def _ptr(table, n, DT: tl.constexpr):
+    return tl.load(table + n).to(tl.pointer_type(DT))
+
+
+@triton.jit
+def _flag(OK, n, SIZE: tl.constexpr):
+    """Tensor n's write flag as a [SIZE] block (a scalar mask does not broadcast everywhere)."""
+    return tl.load(OK + n + tl.zeros([SIZE], dtype=tl.int32)) != 0
+
+
+@triton.jit
+def _round_half_even(x):
+    r = tl.floor(x + 0.5)
+    tie = (r - x) == 0.5
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
+def _rne_bf16(x):
+    """fp32 -> bf16 rounded to nearest even, as torch rounds (done on the bits, so the
+    interpreter, whose plain cast truncates, and the GPU agree)."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    rounded = bits.to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, rounded).to(tl.bfloat16)
+
+
+@triton.jit
+def _store_as(ptr, x, mask, DT: tl.constexpr):
+    if DT == tl.bfloat16:  # noqa: SIM300 (a Triton constexpr test)
+        tl.store(ptr, _rne_bf16(x), mask=mask)
+    else:
+        tl.store(ptr, x.to(DT), mask=mask)
+
+
+@triton.jit
+def _lerp(start, end, w):
+    # torch.lerp's formula (both branches), so the EMAs round as the reference's do
+    diff = end - start
+    return tl.where(w < 0.5, start + w * diff, end - diff * (1.0 - w))
+
+
+@triton.jit
+def rows_kernel(G, MU, ROWSQ, COLPART, FIN, R, C, T, RPP, sign,
+                GC: tl.constexpr, SQUARES: tl.constexpr, G_DT: tl.constexpr,
+                BR: tl.constexpr, BC: tl.constexpr):
+    n = tl.program_id(0)
+    t = tl.program_id(1)
+    g = _ptr(G, n, G_DT)
+    row_lo = t * RPP
+    row_hi = tl.minimum(row_lo + RPP, R)
+    total = tl.zeros([BR], dtype=tl.float32)
+    for rs in range(row_lo, row_hi, BR):
+        rows = rs + tl.arange(0, BR)
+        rmask = rows < row_hi
+        s = tl.zeros([BR], dtype=tl.float32)
+        for cs in range(0, C, BC):
+            cols = cs + tl.arange(0, BC)
+            m = rmask[:, None] & (cols < C)[None, :]
+            x = tl.load(g + rows[:, None].to(tl.int64) * C + cols[None, :], mask=m, other=0.0)
+            s += tl.sum(x.to(tl.float32) * sign, axis=1)
+        total += s
+        mu = tl.zeros([BR], dtype=tl.float32)
+        if GC:
+            mu = s / C
+            tl.store(MU + n.to(tl.int64) * R + rows, mu, mask=rmask)
+        if SQUARES:
+            sq = tl.zeros([BR], dtype=tl.float32)
+            for cs in range(0, C, BC):
+                cols = cs + tl.arange(0, BC)
+                cmask = cols < C
+                m = rmask[:, None] & cmask[None, :]
+                x = tl.load(g + rows[:, None].to(tl.int64) * C + cols[None, :], mask=m, other=0.0)
+                y = tl.where(m, x.to(tl.float32) * sign - mu[:, None], 0.0)
+                y2 = y * y
+                sq += tl.sum(y2, axis=1)
+                cp = COLPART + (n.to(tl.int64) * T + t) * C + cols
+                tl.store(cp, tl.load(cp, mask=cmask, other=0.0) + tl.sum(y2, axis=0), mask=cmask)
+            tl.store(ROWSQ + n.to(tl.int64) * R + rows, sq, mask=rmask)
+    tl.store(FIN + n * T + t, tl.sum(total, axis=0))
+
+
+@triton.jit
+def factors_kernel(ROWSQ, COLPART, ROW, COL, RBUF, CBUF, OK, R, C, T, beta2w, eps1,
+                   BR: tl.constexpr, BC: tl.constexpr):
+    """Program (n, k): column tile k of tensor n; program (n, 0) also does the rows."""
+    n = tl.program_id(0)
+    k = tl.program_id(1)
+    cols = k * BC + tl.arange(0, BC)
+    cmask = cols < C
+    csum = tl.zeros([BC], dtype=tl.float32)
+    for t in range(0, T):
+        csum += tl.load(COLPART + (n.to(tl.int64) * T + t) * C + cols, mask=cmask, other=0.0)
+    col_old = tl.load(COL + n.to(tl.int64) * C + cols, mask=cmask, other=1.0)
+    col_new = _lerp(col_old, csum / R + eps1, beta2w)
+    tl.store(CBUF + n.to(tl.int64) * C + cols, 1.0 / tl.sqrt(col_new), mask=cmask)
+    tl.store(COL + n.to(tl.int64) * C + cols, col_new, mask=cmask & _flag(OK, n, BC))
+    if k == 0:
+        acc = tl.zeros([BR], dtype=tl.float32)
+        for rs in range(0, R, BR):
+            rows = rs + tl.arange(0, BR)
+            rmask = rows < R
+            sq = tl.load(ROWSQ + n.to(tl.int64) * R + rows, mask=rmask, other=0.0)
+            row_old = tl.load(ROW + n.to(tl.int64) * R + rows, mask=rmask, other=0.0)
+            row_new = _lerp(row_old, sq / C + eps1, beta2w)
+            row_new = tl.where(rmask, row_new, 0.0)
+            acc += row_new
+            tl.store(RBUF + n.to(tl.int64) * R + rows, row_new, mask=rmask)
+        mean = tl.sum(acc, axis=0) / R
+        for rs in range(0, R, BR):
+            rows = rs + tl.arange(0, BR)
+            rmask = rows < R
+            row_new = tl.load(RBUF + n.to(tl.int64) * R + rows, mask=rmask, other=1.0)
+            tl.store(ROW + n.to(tl.int64) * R + rows, row_new, mask=rmask & _flag(OK, n, BR))
+            tl.store(RBUF + n.to(tl.int64) * R + rows, 1.0 / tl.sqrt(row_new / mean), mask=rmask)
+
+
+@triton.jit
+def _decode_m(M, MS, n, idx, emask, numel, R, C, MB, MCODEC: tl.constexpr):
+    base = n.to(tl.int64) * numel
+    if MCODEC == 1:  # float32
+        m = tl.load(M + base + idx, mask=emask, other=0.0)
+    elif MCODEC == 2:  # bfloat16
+        m = tl.load(M + base + idx, mask=emask, other=0.0).to(tl.float32)
+    elif MCODEC == 3:  # int8, one scale per row
+        code = tl.load(M + base + idx, mask=emask, other=0).to(tl.float32)
+        scale = tl.load(MS + n.to(tl.int64) * R + idx // C, mask=emask, other=1.0)
+        m = code * scale
+    else:  # 4bit: packed pairs, one scale per flat block of MB
+        nbytes = (numel + 1) // 2
+        byte = tl.load(M + n.to(tl.int64) * nbytes + idx // 2, mask=emask, other=0x88)
+        byte = byte.to(tl.int32)
+        nib = tl.where((idx % 2) == 0, byte & 0x0F, (byte >> 4) & 0x0F)
+        nblocks = (numel + MB - 1) // MB
+        scale = tl.load(MS + n.to(tl.int64) * nblocks + idx // MB, mask=emask, other=1.0)
+        m = (nib.to(tl.float32) - 8.0) * scale
+    return m
+
+
+@triton.jit
+def _normalized(G, MU, RBUF, CBUF, V, n, idx, emask, numel, R, C, sign, beta2w, eps1,
+                GC: tl.constexpr, FACTORED: tl.constexpr, G_DT: tl.constexpr):
+    """(g after centralization, Adakaon's normalized update u, the new v (non-factored))."""
+    g_ptr = _ptr(G, n, G_DT)
+    g = tl.load(g_ptr + idx, mask=emask, other=0.0).to(tl.float32) * sign
+    row = idx // C
+    col = idx % C
+    if GC:
+        g = g - tl.load(MU + n.to(tl.int64) * R + row, mask=emask, other=0.0)
+    if FACTORED:
+        r = tl.load(RBUF + n.to(tl.int64) * R + row, mask=emask, other=0.0)
+        c = tl.load(CBUF + n.to(tl.int64) * C + col, mask=emask, other=0.0)
+        u = g * r * c
+        v_new = u  # unused
+    else:
+        v_old = tl.load(V + n.to(tl.int64) * numel + idx, mask=emask, other=1.0)
+        v_new = _lerp(v_old, g * g + eps1, beta2w)
+        u = (1.0 / tl.sqrt(v_new)) * g
+    return g, u, v_new
+
+
+@triton.jit
+def sumsq_kernel(G, MU, RBUF, CBUF, V, UPART, numel, R, C, F, EPP, sign, beta2w, eps1,
+                 GC: tl.constexpr, FACTORED: tl.constexpr, G_DT: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    n = tl.program_id(0)
+    f = tl.program_id(1)
+    lo = f * EPP
+    hi = tl.minimum(lo + EPP, numel)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(lo, hi, BLOCK):
+        idx = s + tl.arange(0, BLOCK)
+        emask = idx < hi
+        _, u, _ = _normalized(G, MU, RBUF, CBUF, V, n, idx, emask, numel, R, C, sign, beta2w,
+                              eps1, GC, FACTORED, G_DT)
+        acc += tl.where(emask, u * u, 0.0)
+    tl.store(UPART + n * F + f, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _partial_sum(PART, n, F, FB: tl.constexpr):
+    acc = tl.zeros([FB], dtype=tl.float32)
+    for s in range(0, F, FB):
+        offs = s + tl.arange(0, FB)
+        acc += tl.load(PART + n * F + offs, mask=offs < F, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _step_values(G, P, MU, RBUF, CBUF, V, M, MS, UPART, n, idx, emask, numel, R, C, F, MB,
+                 sign, beta1, beta2, beta2w, eps1, clip, wd,
+                 RULE: tl.constexpr, GC: tl.constexpr, FACTORED: tl.constexpr,
+                 MCODEC: tl.constexpr, G_DT: tl.constexpr, P_DT: tl.constexpr,
+                 WD: tl.constexpr, FB: tl.constexpr):
+    """(g, the new momentum, the step before cautious masking and lr, v_new, p) of elements."""
+    p = tl.load(_ptr(P, n, P_DT) + idx, mask=emask, other=0.0).to(tl.float32)
+    if RULE == 0:  # Adakaon
+        g, u, v_new = _normalized(G, MU, RBUF, CBUF, V, n, idx, emask, numel, R, C, sign,
+                                  beta2w, eps1, GC, FACTORED, G_DT)
+        ss = _partial_sum(UPART, n, F, FB)
+        rms = tl.sqrt(ss / numel)
+        factor = 1.0 / tl.maximum(rms / clip, 1.0)
+        u = u * factor
+        if MCODEC != 0:
+            m_old = _decode_m(M, MS, n, idx, emask, numel, R, C, MB, MCODEC)
+            m_new = _lerp(m_old, u, 1.0 - beta1)
+        else:
+            m_new = u
+        d = m_new
+    else:  # Lion
+        g = tl.load(_ptr(G, n, G_DT) + idx, mask=emask, other=0.0).to(tl.float32) * sign
+        if GC:
+            g = g - tl.load(MU + n.to(tl.int64) * R + idx // C, mask=emask, other=0.0)
+        v_new = g  # unused
+        if MCODEC != 0:
+            m_old = _decode_m(M, MS, n, idx, emask, numel, R, C, MB, MCODEC)
+            x = m_old * beta1 + (1.0 - beta1) * g
+            m_new = m_old * beta2 + (1.0 - beta2) * g
+        else:
+            x = g
+            m_new = g  # unused
+        d = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
+    if WD:
+        d = d + wd * p
+    return g, m_new, d, v_new, p
+
+
+@triton.jit
+def moment_kernel(G, P, MU, RBUF, CBUF, V, M, MS, UPART, CPART, AMAX, numel, R, C, F, EPP, MB,
+                  sign, beta1, beta2, beta2w, eps1, clip, wd,
+                  RULE: tl.constexpr, GC: tl.constexpr, FACTORED: tl.constexpr,
+                  MCODEC: tl.constexpr, G_DT: tl.constexpr, P_DT: tl.constexpr,
+                  WD: tl.constexpr, CAUTIOUS: tl.constexpr, BLOCK: tl.constexpr,
+                  FB: tl.constexpr):
+    n = tl.program_id(0)
+    f = tl.program_id(1)
+    lo = f * EPP
+    hi = tl.minimum(lo + EPP, numel)
+    count = tl.zeros([BLOCK], dtype=tl.int32)
+    for s in range(lo, hi, BLOCK):
+        idx = s + tl.arange(0, BLOCK)
+        emask = idx < hi
+        g, m_new, d, _, _ = _step_values(
+            G, P, MU, RBUF, CBUF, V, M, MS, UPART, n, idx, emask, numel, R, C, F, MB,
+            sign, beta1, beta2, beta2w, eps1, clip, wd,
+            RULE, GC, FACTORED, MCODEC, G_DT, P_DT, WD, FB)
+        if CAUTIOUS:
+            count += (emask & (d * g > 0)).to(tl.int32)
+        if MCODEC == 3:
+            tl.atomic_max(AMAX + n.to(tl.int64) * R + idx // C, tl.abs(m_new), mask=emask)
+        if MCODEC == 4:
+            nblocks = (numel + MB - 1) // MB
+            tl.atomic_max(AMAX + n.to(tl.int64) * nblocks + idx // MB, tl.abs(m_new), mask=emask)
+    tl.store(CPART + n * F + f, tl.sum(count, axis=0).to(tl.float32))
+
+
+@triton.jit
+def _encode_m(AMAX, n, idx, emask, m_new, numel, R, C, MB, MCODEC: tl.constexpr):
+    """The stored value of the new momentum (int8 / 4-bit level; float values as is)."""
+    if MCODEC == 3:
+        a = tl.load(AMAX + n.to(tl.int64) * R + idx // C, mask=emask, other=1.0)
+        scale = tl.maximum(a, 1e-12) / 127.0
+        q = _round_half_even(m_new / scale)
+    elif MCODEC == 4:
+        nblocks = (numel + MB - 1) // MB
+        a = tl.load(AMAX + n.to(tl.int64) * nblocks + idx // MB, mask=emask, other=1.0)
+        scale = tl.maximum(a, 1e-12) / 7.0
+        q = _round_half_even(m_new / scale)
+    else:
+        q = m_new
+    return q
+
+
+@triton.jit
+def _write_param(P, n, idx, emask, z, seed, numel, P_DT: tl.constexpr, SR: tl.constexpr):
+    p_ptr = _ptr(P, n, P_DT)
+    if SR:
+        noise = (tl.randint(seed, n.to(tl.int64) * numel + idx) & 0xFFFF).to(tl.int32)
+        bits = (z.to(tl.int32, bitcast=True) + noise) & -65536
+        tl.store(p_ptr + idx, bits.to(tl.float32, bitcast=True).to(P_DT), mask=emask)
+    else:
+        _store_as(p_ptr + idx, z, emask, P_DT)
+
+
+@triton.jit
+def apply_kernel(G, P, MU, RBUF, CBUF, V, M, MS, UPART, CPART, AMAX, OK, SEED,
+                 numel, R, C, F, EPP, MB, sign, beta1, beta2, beta2w, eps1, clip, wd, lr,
+                 RULE: tl.constexpr, GC: tl.constexpr, FACTORED: tl.constexpr,
+                 MCODEC: tl.constexpr, G_DT: tl.constexpr, P_DT: tl.constexpr,
+                 M_DT: tl.constexpr, WD: tl.constexpr, CAUTIOUS: tl.constexpr,
+                 SR: tl.constexpr, BLOCK: tl.constexpr, FB: tl.constexpr):
+    """Program (n, f) writes element pairs [lo, hi) of tensor n; EPP is even."""
+    n = tl.program_id(0)
+    f = tl.program_id(1)
+    half: tl.constexpr = BLOCK // 2
+    ok = _flag(OK, n, half)
+    lo = f * EPP
+    hi = tl.minimum(lo + EPP, numel)
+    numel_f = numel * 1.0
+    if CAUTIOUS:
+        cnt = _partial_sum(CPART, n, F, FB)
+        scale = (numel_f / tl.maximum(cnt, 1e-8 * numel_f)) * lr
+    else:
+        scale = lr
+    seed = tl.load(SEED)
+    for s in range(lo, hi, BLOCK):
+        pair = s // 2 + tl.arange(0, half)
+        for j in tl.static_range(2):
+            idx = 2 * pair + j
+            emask = idx < hi
+            g, m_new, d, v_new, p = _step_values(
+                G, P, MU, RBUF, CBUF, V, M, MS, UPART, n, idx, emask, numel, R, C, F, MB,
+                sign, beta1, beta2, beta2w, eps1, clip, wd,
+                RULE, GC, FACTORED, MCODEC, G_DT, P_DT, WD, FB)
+            if CAUTIOUS:  # noqa: SIM108 (a Triton constexpr branch)
+                delta = tl.where(d * g > 0, d, 0.0) * scale
+            else:
+                delta = d * scale
+            _write_param(P, n, idx, emask & ok, p - delta, seed, numel, P_DT, SR)
+            if not FACTORED:
+                tl.store(V + n.to(tl.int64) * numel + idx, v_new, mask=emask & ok)
+            if MCODEC != 0:
+                q = _encode_m(AMAX, n, idx, emask, m_new, numel, R, C, MB, MCODEC)
+                if MCODEC == 4:
+                    nib = (q + 8.0).to(tl.int32)
+                    if j == 0:
+                        low = nib
+                    else:
+                        high = tl.where(emask, nib, 0)
+                else:
+                    _store_as(M + n.to(tl.int64) * numel + idx, q, emask & ok, M_DT)
+        if MCODEC == 4:
+            nbytes = (numel + 1) // 2
+            bmask = (2 * pair < hi) & ok
+            packed = (low | (high << 4)).to(tl.uint8)
+            tl.store(M + n.to(tl.int64) * nbytes + pair, packed, mask=bmask)
