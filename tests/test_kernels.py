@@ -49,9 +49,18 @@ LION = [
     {"momentum_dtype": "int8", "cautious": False, "gradient_centralization": False,
      "maximize": True, "weight_decay": 0.1},
 ]
+ADAPNM = [
+    {"momentum_dtype": "bfloat16"},
+    {"momentum_dtype": "int8", "weight_decay": 0.1},
+    {"momentum_dtype": "4bit", "momentum_4bit_block": 32},
+    {"momentum_dtype": "float32", "clip_threshold": 0.0, "cautious": False,
+     "gradient_centralization": False},
+    {"momentum_dtype": "float32", "betas": (0.5, 0.99), "beta0": 1.0, "maximize": True},
+]
 CASES = ([pytest.param(kaon.Adakaon, kw, id=f"Adakaon-{i}") for i, kw in enumerate(ADAKAON)]
-         + [pytest.param(kaon.Lion, kw, id=f"Lion-{i}") for i, kw in enumerate(LION)])
-LR = {kaon.Adakaon: 1e-2, kaon.Lion: 1e-3}
+         + [pytest.param(kaon.Lion, kw, id=f"Lion-{i}") for i, kw in enumerate(LION)]
+         + [pytest.param(kaon.AdaPNM, kw, id=f"AdaPNM-{i}") for i, kw in enumerate(ADAPNM)])
+LR = {kaon.Adakaon: 1e-2, kaon.Lion: 1e-3, kaon.AdaPNM: 1e-2}
 
 
 def make_params(shapes=SHAPES, dtype=torch.float32, seed=0):
@@ -169,6 +178,7 @@ def test_automatic_choice_does_not_import_triton_without_cuda(monkeypatch):
 @needs_triton
 @pytest.mark.parametrize("cls,kw", CASES)
 def test_one_step_matches_the_reference(cls, kw):
+    # AdaPNM alternates its momentum buffers by step parity: step 3 here; step 2 below
     ref, params_r, fused, params_f = warmed_pair(cls, kw)
     before = [p.detach().clone() for p in params_r]
     set_grads(params_r, 5)
@@ -181,7 +191,21 @@ def test_one_step_matches_the_reference(cls, kw):
 
 
 @needs_triton
-@pytest.mark.parametrize("cls,kw", [CASES[2], CASES[11]])
+@pytest.mark.parametrize("kw", ADAPNM[:3])
+def test_adapnm_even_step_matches_the_reference(kw):
+    ref, params_r, fused, params_f = warmed_pair(kaon.AdaPNM, kw, steps=1, shapes=SMALL)
+    before = [p.detach().clone() for p in params_r]
+    set_grads(params_r, 5)
+    set_grads(params_f, 5)
+    ref.step()
+    fused.step()
+    for b, pr, pf in zip(before, params_r, params_f):
+        assert_step_close(b, pr, pf)
+    assert_state_close(fused, ref, params_f, params_r)
+
+
+@needs_triton
+@pytest.mark.parametrize("cls,kw", [CASES[2], CASES[11], CASES[15]])
 def test_tiled_regime_matches_the_reference(cls, kw, monkeypatch):
     """Large-tensor tiling: several row ranges and flat ranges per tensor, partial sums."""
     from kaon.kernels import rules
@@ -203,7 +227,7 @@ def test_tiled_regime_matches_the_reference(cls, kw, monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("cls,kw", [CASES[3], CASES[10]])
+@pytest.mark.parametrize("cls,kw", [CASES[3], CASES[10], CASES[15]])
 def test_checkpoints_interchange_both_ways(cls, kw):
     """fused -> reference and reference -> fused continue like an uninterrupted run."""
     params_a = make_params(SMALL)
@@ -239,7 +263,8 @@ def test_checkpoints_interchange_both_ways(cls, kw):
 @needs_triton
 @pytest.mark.parametrize("cls,kw,dtype", [(kaon.Adakaon, ADAKAON[2], torch.bfloat16),
                                             (kaon.Adakaon, ADAKAON[3], torch.float32),
-                                            (kaon.Lion, LION[3], torch.bfloat16)])
+                                            (kaon.Lion, LION[3], torch.bfloat16),
+                                            (kaon.AdaPNM, ADAPNM[1], torch.bfloat16)])
 def test_fused_resume_is_bit_identical(cls, kw, dtype):
     """Deterministic reductions and a checkpointed SR stream: resume gives the same bits."""
     params_a = make_params(SMALL, dtype=dtype)
@@ -268,7 +293,7 @@ def test_fused_resume_is_bit_identical(cls, kw, dtype):
 
 
 @needs_triton
-@pytest.mark.parametrize("cls,kw", [CASES[2], CASES[3], CASES[8], CASES[11]])
+@pytest.mark.parametrize("cls,kw", [CASES[2], CASES[3], CASES[8], CASES[11], CASES[16]])
 def test_nonfinite_gradient_cannot_poison_state(cls, kw):
     """A NaN / Inf gradient leaves that tensor and its state exactly as they were (skip)."""
     ref, params_r, fused, params_f = warmed_pair(cls, kw)
@@ -326,7 +351,7 @@ def test_pointer_tables_follow_moved_gradients():
 
 
 @needs_triton
-@pytest.mark.parametrize("cls", [kaon.Adakaon, kaon.Lion])
+@pytest.mark.parametrize("cls", [kaon.Adakaon, kaon.Lion, kaon.AdaPNM])
 def test_bf16_stochastic_rounding_is_unbiased(cls):
     """bf16 weights: each written value is one of the two bf16 neighbours of the exact fp32
     result (from the fp32 reference), and the rounding errors average to zero within their
@@ -389,7 +414,7 @@ def test_foreach_off_and_tiny_budget_match():
 # ------------------------------------------------------------------ GPU only
 @needs_cuda
 @needs_triton
-@pytest.mark.parametrize("cls", [kaon.Adakaon, kaon.Lion])
+@pytest.mark.parametrize("cls", [kaon.Adakaon, kaon.Lion, kaon.AdaPNM])
 def test_fused_step_does_not_synchronize(cls):
     params = make_params(dtype=torch.bfloat16)
     opt = cls(params, lr=1e-3, fused=True, momentum_dtype="int8")
@@ -405,7 +430,7 @@ def test_fused_step_does_not_synchronize(cls):
 
 @needs_cuda
 @needs_triton
-@pytest.mark.parametrize("cls", [kaon.Adakaon, kaon.Lion])
+@pytest.mark.parametrize("cls", [kaon.Adakaon, kaon.Lion, kaon.AdaPNM])
 def test_cuda_graph_capture_of_step(cls):
     params = make_params()
     opt = cls(params, lr=1e-3, fused=True, momentum_dtype="int8")

@@ -35,6 +35,7 @@ import triton.language as tl
 # rule ids (constexpr)
 ADAKAON = 0
 LION = 1
+ADAPNM = 2
 
 # momentum codecs (constexpr)
 M_NONE = 0
@@ -235,27 +236,31 @@ def _partial_sum(PART, n, F, FB: tl.constexpr):
 
 
 @triton.jit
-def _step_values(G, P, MU, RBUF, CBUF, V, M, MS, UPART, n, idx, emask, numel, R, C, F, MB,
-                 sign, beta1, beta2, beta2w, eps1, clip, wd,
+def _step_values(G, P, MU, RBUF, CBUF, V, M, MS, M2, MS2, COEF, UPART, n, idx, emask, numel,
+                 R, C, F, MB, sign, beta1, beta2, beta2w, eps1, clip, wd, beta0, inv_noise,
                  RULE: tl.constexpr, GC: tl.constexpr, FACTORED: tl.constexpr,
                  MCODEC: tl.constexpr, G_DT: tl.constexpr, P_DT: tl.constexpr,
-                 WD: tl.constexpr, FB: tl.constexpr):
-    """(g, the new momentum, the step before cautious masking and lr, v_new, p) of elements."""
+                 WD: tl.constexpr, CLIP: tl.constexpr, FB: tl.constexpr):
+    """(g, new momentum, new second momentum (AdaPNM), the step before cautious masking and
+    lr (AdaPNM: before its step size), v_new, p) of elements. ``CLIP`` applies the RMS clip
+    from the ``UPART`` partial sums (off for the pass that computes them)."""
     p = tl.load(_ptr(P, n, P_DT) + idx, mask=emask, other=0.0).to(tl.float32)
+    m2_new = p  # AdaPNM only
     if RULE == 0:  # Adakaon
         g, u, v_new = _normalized(G, MU, RBUF, CBUF, V, n, idx, emask, numel, R, C, sign,
                                   beta2w, eps1, GC, FACTORED, G_DT)
-        ss = _partial_sum(UPART, n, F, FB)
-        rms = tl.sqrt(ss / numel)
-        factor = 1.0 / tl.maximum(rms / clip, 1.0)
-        u = u * factor
+        if CLIP:
+            ss = _partial_sum(UPART, n, F, FB)
+            u = u * (1.0 / tl.maximum(tl.sqrt(ss / numel) / clip, 1.0))
         if MCODEC != 0:
             m_old = _decode_m(M, MS, n, idx, emask, numel, R, C, MB, MCODEC)
             m_new = _lerp(m_old, u, 1.0 - beta1)
         else:
             m_new = u
         d = m_new
-    else:  # Lion
+        if WD:
+            d = d + wd * p
+    elif RULE == 1:  # Lion
         g = tl.load(_ptr(G, n, G_DT) + idx, mask=emask, other=0.0).to(tl.float32) * sign
         if GC:
             g = g - tl.load(MU + n.to(tl.int64) * R + idx // C, mask=emask, other=0.0)
@@ -268,18 +273,80 @@ def _step_values(G, P, MU, RBUF, CBUF, V, M, MS, UPART, n, idx, emask, numel, R,
             x = g
             m_new = g  # unused
         d = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
-    if WD:
-        d = d + wd * p
-    return g, m_new, d, v_new, p
+        if WD:
+            d = d + wd * p
+    else:  # AdaPNM: beta1 holds 1 - beta1**2, COEF [N, 3] = (step size, sqrt(1 - beta2^t), odd)
+        g = tl.load(_ptr(G, n, G_DT) + idx, mask=emask, other=0.0).to(tl.float32) * sign
+        if GC:
+            g = g - tl.load(MU + n.to(tl.int64) * R + idx // C, mask=emask, other=0.0)
+        zero = tl.zeros_like(g)
+        b2s = tl.load(COEF + n * 3 + 1 + zero.to(tl.int32))
+        odd = tl.load(COEF + n * 3 + 2 + zero.to(tl.int32)) != 0.0
+        w_pos = tl.where(odd, beta1, 0.0)
+        w_neg = tl.where(odd, 0.0, beta1)
+        pos_new = _lerp(_decode_m(M, MS, n, idx, emask, numel, R, C, MB, MCODEC), g, w_pos)
+        neg_new = _lerp(_decode_m(M2, MS2, n, idx, emask, numel, R, C, MB, MCODEC), g, w_neg)
+        positive = tl.where(odd, pos_new, neg_new)
+        negative = tl.where(odd, neg_new, pos_new)
+        pn = (positive * (1.0 + beta0) + (-beta0) * negative) * inv_noise
+        if FACTORED:
+            r = tl.load(RBUF + n.to(tl.int64) * R + idx // C, mask=emask, other=0.0)
+            c = tl.load(CBUF + n.to(tl.int64) * C + idx % C, mask=emask, other=0.0)
+            u = pn * r * c * b2s
+            v_new = u  # unused
+        else:
+            v_old = tl.load(V + n.to(tl.int64) * numel + idx, mask=emask, other=1.0)
+            v_new = v_old * beta2 + beta2w * (g * g)
+            denom = (tl.sqrt(v_new + 1e-15) + eps1) / b2s
+            u = pn / denom
+        if CLIP:
+            ss = _partial_sum(UPART, n, F, FB)
+            u = u * (1.0 / tl.maximum(tl.sqrt(ss / numel) / clip, 1.0))
+        m_new = pos_new
+        m2_new = neg_new
+        d = u
+    return g, m_new, m2_new, d, v_new, p
 
 
 @triton.jit
-def moment_kernel(G, P, MU, RBUF, CBUF, V, M, MS, UPART, CPART, AMAX, numel, R, C, F, EPP, MB,
-                  sign, beta1, beta2, beta2w, eps1, clip, wd,
-                  RULE: tl.constexpr, GC: tl.constexpr, FACTORED: tl.constexpr,
+def pnm_sumsq_kernel(G, P, MU, RBUF, CBUF, V, M, MS, M2, MS2, COEF, UPART, numel, R, C, F, EPP,
+                     MB, sign, beta1, beta2, beta2w, eps1, clip, wd, beta0, inv_noise,
+                     GC: tl.constexpr, FACTORED: tl.constexpr, MCODEC: tl.constexpr,
+                     G_DT: tl.constexpr, P_DT: tl.constexpr, BLOCK: tl.constexpr,
+                     FB: tl.constexpr):
+    """AdaPNM's ``sum U**2`` per flat range (U needs the momenta, unlike Adakaon's u)."""
+    n = tl.program_id(0)
+    f = tl.program_id(1)
+    lo = f * EPP
+    hi = tl.minimum(lo + EPP, numel)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(lo, hi, BLOCK):
+        idx = s + tl.arange(0, BLOCK)
+        emask = idx < hi
+        _, _, _, u, _, _ = _step_values(
+            G, P, MU, RBUF, CBUF, V, M, MS, M2, MS2, COEF, UPART, n, idx, emask, numel, R, C,
+            F, MB, sign, beta1, beta2, beta2w, eps1, clip, wd, beta0, inv_noise,
+            2, GC, FACTORED, MCODEC, G_DT, P_DT, False, False, FB)
+        acc += tl.where(emask, u * u, 0.0)
+    tl.store(UPART + n * F + f, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _absmax_into(AMAX, n, idx, emask, x, numel, R, C, MB, MCODEC: tl.constexpr):
+    if MCODEC == 3:
+        tl.atomic_max(AMAX + n.to(tl.int64) * R + idx // C, tl.abs(x), mask=emask)
+    if MCODEC == 4:
+        nblocks = (numel + MB - 1) // MB
+        tl.atomic_max(AMAX + n.to(tl.int64) * nblocks + idx // MB, tl.abs(x), mask=emask)
+
+
+@triton.jit
+def moment_kernel(G, P, MU, RBUF, CBUF, V, M, MS, M2, MS2, COEF, UPART, CPART, AMAX, AMAX2,
+                  numel, R, C, F, EPP, MB, sign, beta1, beta2, beta2w, eps1, clip, wd, beta0,
+                  inv_noise, RULE: tl.constexpr, GC: tl.constexpr, FACTORED: tl.constexpr,
                   MCODEC: tl.constexpr, G_DT: tl.constexpr, P_DT: tl.constexpr,
-                  WD: tl.constexpr, CAUTIOUS: tl.constexpr, BLOCK: tl.constexpr,
-                  FB: tl.constexpr):
+                  WD: tl.constexpr, CLIP: tl.constexpr, CAUTIOUS: tl.constexpr,
+                  BLOCK: tl.constexpr, FB: tl.constexpr):
     n = tl.program_id(0)
     f = tl.program_id(1)
     lo = f * EPP
@@ -288,17 +355,15 @@ def moment_kernel(G, P, MU, RBUF, CBUF, V, M, MS, UPART, CPART, AMAX, numel, R, 
     for s in range(lo, hi, BLOCK):
         idx = s + tl.arange(0, BLOCK)
         emask = idx < hi
-        g, m_new, d, _, _ = _step_values(
-            G, P, MU, RBUF, CBUF, V, M, MS, UPART, n, idx, emask, numel, R, C, F, MB,
-            sign, beta1, beta2, beta2w, eps1, clip, wd,
-            RULE, GC, FACTORED, MCODEC, G_DT, P_DT, WD, FB)
+        g, m_new, m2_new, d, _, _ = _step_values(
+            G, P, MU, RBUF, CBUF, V, M, MS, M2, MS2, COEF, UPART, n, idx, emask, numel, R, C,
+            F, MB, sign, beta1, beta2, beta2w, eps1, clip, wd, beta0, inv_noise,
+            RULE, GC, FACTORED, MCODEC, G_DT, P_DT, WD, CLIP, FB)
         if CAUTIOUS:
             count += (emask & (d * g > 0)).to(tl.int32)
-        if MCODEC == 3:
-            tl.atomic_max(AMAX + n.to(tl.int64) * R + idx // C, tl.abs(m_new), mask=emask)
-        if MCODEC == 4:
-            nblocks = (numel + MB - 1) // MB
-            tl.atomic_max(AMAX + n.to(tl.int64) * nblocks + idx // MB, tl.abs(m_new), mask=emask)
+        _absmax_into(AMAX, n, idx, emask, m_new, numel, R, C, MB, MCODEC)
+        if RULE == 2:
+            _absmax_into(AMAX2, n, idx, emask, m2_new, numel, R, C, MB, MCODEC)
     tl.store(CPART + n * F + f, tl.sum(count, axis=0).to(tl.float32))
 
 
@@ -331,12 +396,14 @@ def _write_param(P, n, idx, emask, z, seed, numel, P_DT: tl.constexpr, SR: tl.co
 
 
 @triton.jit
-def apply_kernel(G, P, MU, RBUF, CBUF, V, M, MS, UPART, CPART, AMAX, OK, SEED,
-                 numel, R, C, F, EPP, MB, sign, beta1, beta2, beta2w, eps1, clip, wd, lr,
+def apply_kernel(G, P, MU, RBUF, CBUF, V, M, MS, M2, MS2, COEF, UPART, CPART, AMAX, AMAX2, OK,
+                 SEED, numel, R, C, F, EPP, MB, sign, beta1, beta2, beta2w, eps1, clip, wd,
+                 beta0, inv_noise, lr,
                  RULE: tl.constexpr, GC: tl.constexpr, FACTORED: tl.constexpr,
                  MCODEC: tl.constexpr, G_DT: tl.constexpr, P_DT: tl.constexpr,
-                 M_DT: tl.constexpr, WD: tl.constexpr, CAUTIOUS: tl.constexpr,
-                 SR: tl.constexpr, BLOCK: tl.constexpr, FB: tl.constexpr):
+                 M_DT: tl.constexpr, WD: tl.constexpr, CLIP: tl.constexpr,
+                 CAUTIOUS: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr,
+                 FB: tl.constexpr):
     """Program (n, f) writes element pairs [lo, hi) of tensor n; EPP is even."""
     n = tl.program_id(0)
     f = tl.program_id(1)
@@ -345,40 +412,59 @@ def apply_kernel(G, P, MU, RBUF, CBUF, V, M, MS, UPART, CPART, AMAX, OK, SEED,
     lo = f * EPP
     hi = tl.minimum(lo + EPP, numel)
     numel_f = numel * 1.0
+    if RULE == 2:
+        size = tl.load(COEF + n * 3 + tl.zeros([half], dtype=tl.int32))
+    else:
+        size = tl.zeros([half], dtype=tl.float32) + lr
     if CAUTIOUS:
         cnt = _partial_sum(CPART, n, F, FB)
-        scale = (numel_f / tl.maximum(cnt, 1e-8 * numel_f)) * lr
+        scale = (numel_f / tl.maximum(cnt, 1e-8 * numel_f)) * size
     else:
-        scale = lr
+        scale = size
     seed = tl.load(SEED)
     for s in range(lo, hi, BLOCK):
         pair = s // 2 + tl.arange(0, half)
         for j in tl.static_range(2):
             idx = 2 * pair + j
             emask = idx < hi
-            g, m_new, d, v_new, p = _step_values(
-                G, P, MU, RBUF, CBUF, V, M, MS, UPART, n, idx, emask, numel, R, C, F, MB,
-                sign, beta1, beta2, beta2w, eps1, clip, wd,
-                RULE, GC, FACTORED, MCODEC, G_DT, P_DT, WD, FB)
+            g, m_new, m2_new, d, v_new, p = _step_values(
+                G, P, MU, RBUF, CBUF, V, M, MS, M2, MS2, COEF, UPART, n, idx, emask, numel, R,
+                C, F, MB, sign, beta1, beta2, beta2w, eps1, clip, wd, beta0, inv_noise,
+                RULE, GC, FACTORED, MCODEC, G_DT, P_DT, WD, CLIP, FB)
             if CAUTIOUS:  # noqa: SIM108 (a Triton constexpr branch)
                 delta = tl.where(d * g > 0, d, 0.0) * scale
             else:
                 delta = d * scale
+            if RULE == 2 and WD:  # AdaPNM's decay is not masked
+                delta = delta + wd * p
             _write_param(P, n, idx, emask & ok, p - delta, seed, numel, P_DT, SR)
             if not FACTORED:
                 tl.store(V + n.to(tl.int64) * numel + idx, v_new, mask=emask & ok)
             if MCODEC != 0:
                 q = _encode_m(AMAX, n, idx, emask, m_new, numel, R, C, MB, MCODEC)
+                if RULE == 2:
+                    q2 = _encode_m(AMAX2, n, idx, emask, m2_new, numel, R, C, MB, MCODEC)
                 if MCODEC == 4:
                     nib = (q + 8.0).to(tl.int32)
+                    if RULE == 2:
+                        nib2 = (q2 + 8.0).to(tl.int32)
                     if j == 0:
                         low = nib
+                        if RULE == 2:
+                            low2 = nib2
                     else:
                         high = tl.where(emask, nib, 0)
+                        if RULE == 2:
+                            high2 = tl.where(emask, nib2, 0)
                 else:
                     _store_as(M + n.to(tl.int64) * numel + idx, q, emask & ok, M_DT)
+                    if RULE == 2:
+                        _store_as(M2 + n.to(tl.int64) * numel + idx, q2, emask & ok, M_DT)
         if MCODEC == 4:
             nbytes = (numel + 1) // 2
             bmask = (2 * pair < hi) & ok
-            packed = (low | (high << 4)).to(tl.uint8)
-            tl.store(M + n.to(tl.int64) * nbytes + pair, packed, mask=bmask)
+            tl.store(M + n.to(tl.int64) * nbytes + pair, (low | (high << 4)).to(tl.uint8),
+                     mask=bmask)
+            if RULE == 2:
+                tl.store(M2 + n.to(tl.int64) * nbytes + pair,
+                         (low2 | (high2 << 4)).to(tl.uint8), mask=bmask)

@@ -14,10 +14,11 @@ from torch import Tensor
 from kaon import engine, precision
 from kaon.kernels import interpreter
 from kaon.optim.adakaon import Adakaon
+from kaon.optim.adapnm import _FACTORED_EPS_FLOOR, AdaPNM
 from kaon.optim.lion import Lion
 from kaon.state.codecs import FloatCodec, FourBitCodec, Int8Codec
 
-__all__ = ["ChunkKernel", "AdakaonKernel", "LionKernel", "KERNELS"]
+__all__ = ["ChunkKernel", "AdakaonKernel", "LionKernel", "AdaPNMKernel", "KERNELS"]
 
 _MCODEC = {"none": 0, "float32": 1, "bfloat16": 2, "int8": 3, "4bit": 4}
 _GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -75,6 +76,8 @@ class ChunkKernel:
     """
 
     rule = -1
+    #: the momentum slots the rule keeps (in codec order)
+    momentum_slots: tuple[str, ...] = ("m",)
 
     def static_blocker(self, opt, group: dict[str, Any], chunk) -> str | None:
         """Why this chunk can never run fused under its plan (None: it can)."""
@@ -90,6 +93,8 @@ class ChunkKernel:
         for slot in chunk.slots:
             if slot.name == engine.SHIFT:
                 return "kahan"
+            if slot.name in self.momentum_slots and _momentum_kind(slot) == "unknown":
+                return "momentum codec"
         return None
 
     def run(self, opt, group: dict[str, Any], chunk) -> bool:
@@ -148,12 +153,74 @@ class ChunkKernel:
                              generator=opt._generator(device))
 
     @staticmethod
-    def store_scales(stored: dict[str, Tensor], amax: Tensor, ok: Tensor, levels: float) -> None:
+    def store_scales(stored: dict[str, Tensor], amax: Tensor, ok: Tensor, levels: float,
+                     key: str = "m_scale") -> None:
         """The new int8 / 4-bit scales, kept unchanged for tensors that were not written."""
-        old = stored["m_scale"]
+        old = stored[key]
         new = amax.clamp_min(1e-12).div_(levels)
         flat = old.view(old.shape[0], -1)
         flat.copy_(torch.where(ok.bool().view(-1, 1), new, flat))
+
+
+class _Launch:
+    """The buffers, flags and scalars of one fused step of a chunk (shared by the rules)."""
+
+    def __init__(self, kernel: ChunkKernel, opt, group, chunk, stored, gtable, ptable) -> None:
+        self.geo = geo = kernel.geometry(chunk)
+        self.n, self.rows, self.cols = geo["N"], geo["R"], geo["C"]
+        self.stored, self.gtable, self.ptable = stored, gtable, ptable
+        p = chunk.params[0]
+        self.device = p.device
+        self.f32 = dict(dtype=torch.float32, device=p.device)
+        self.factored = len(chunk.view) == 2
+        slot = next((s for s in chunk.slots if s.name == kernel.momentum_slots[0]), None)
+        self.slot = slot
+        self.kind = "none" if slot is None else _momentum_kind(slot)
+        self.mcodec = _MCODEC[self.kind]
+        self.gc = bool(group["gradient_centralization"]) and self.factored and self.cols > 1
+        self.sign = -1.0 if group.get("maximize", False) else 1.0
+        method = group.get("bf16_method", "stochastic_rounding")
+        self.stochastic = p.dtype in precision.LOW_PRECISION and method == "stochastic_rounding"
+        self.g_dt = _tl_dtype(p.grad.dtype)
+        self.p_dt = _tl_dtype(p.dtype)
+        self.fin = torch.empty((self.n, geo["T"]), **self.f32)
+        self.mu = torch.empty((self.n, self.rows), **self.f32) if self.gc else self.fin
+        self.block = 1
+        self.amax = self.amax2 = self.fin
+        self.levels = 127.0 if self.kind == "int8" else 7.0
+        if self.kind == "int8":
+            self.amax = torch.zeros((self.n, self.rows), **self.f32)
+        elif self.kind == "4bit":
+            self.block, nblocks = slot.codec.layout(slot.shape)[1:]
+            self.amax = torch.zeros((self.n, nblocks), **self.f32)
+        self.quantized = self.kind in ("int8", "4bit")
+        self.upart = torch.empty((self.n, geo["F"]), **self.f32)
+        self.cpart = torch.empty((self.n, geo["F"]), **self.f32)
+        self.rowsq = self.colpart = self.rbuf = self.cbuf = self.fin
+        self.v = stored.get("v", self.fin)
+
+    def rows_pass(self, kt, squares: bool) -> None:
+        geo = self.geo
+        if squares:
+            self.rowsq = torch.empty((self.n, self.rows), **self.f32)
+            self.colpart = torch.zeros((self.n, geo["T"], self.cols), **self.f32)
+            self.rbuf = torch.empty((self.n, self.rows), **self.f32)
+            self.cbuf = torch.empty((self.n, self.cols), **self.f32)
+        kt.rows_kernel[(self.n, geo["T"])](
+            self.gtable, self.mu, self.rowsq, self.colpart, self.fin, self.rows, self.cols,
+            geo["T"], geo["RPP"], self.sign, GC=self.gc, SQUARES=squares, G_DT=self.g_dt,
+            BR=geo["BR"], BC=geo["BC"])
+
+    def factors_pass(self, kt, ok, beta2: float, eps1: float) -> None:
+        geo = self.geo
+        kt.factors_kernel[(self.n, math.ceil(self.cols / geo["BC"]))](
+            self.rowsq, self.colpart, self.stored["row"], self.stored["col"], self.rbuf,
+            self.cbuf, ok, self.rows, self.cols, geo["T"], 1.0 - beta2, eps1,
+            BR=min(1024, _next_pow2(self.rows)), BC=geo["BC"])
+
+    def common(self) -> tuple:
+        geo = self.geo
+        return (self.rows * self.cols, self.rows, self.cols, geo["F"], geo["EPP"])
 
 
 class AdakaonKernel(ChunkKernel):
@@ -162,87 +229,42 @@ class AdakaonKernel(ChunkKernel):
 
     rule = 0
 
-    def static_blocker(self, opt, group, chunk):
-        reason = super().static_blocker(opt, group, chunk)
-        if reason is None:
-            for slot in chunk.slots:
-                if slot.name == "m" and _momentum_kind(slot) == "unknown":
-                    return "momentum codec"
-        return reason
-
     def launch(self, opt, group, chunk, stored, gtable, ptable) -> None:
         from kaon.kernels import _triton as kt
 
-        geo = self.geometry(chunk)
-        n, rows, cols, numel = geo["N"], geo["R"], geo["C"], geo["numel"]
-        device = chunk.params[0].device
+        run = _Launch(self, opt, group, chunk, stored, gtable, ptable)
+        geo, n, fin = run.geo, run.n, run.fin
         beta1, beta2 = group["betas"]
         eps1 = float(group["eps"][0])
-        slot_m = next((s for s in chunk.slots if s.name == "m"), None)
-        kind = "none" if slot_m is None else _momentum_kind(slot_m)
-        mcodec = _MCODEC[kind]
-        factored = len(chunk.view) == 2
-        gc = bool(group["gradient_centralization"]) and factored and cols > 1
-        sign = -1.0 if group.get("maximize", False) else 1.0
-        p_dtype = chunk.params[0].dtype
-        method = group.get("bf16_method", "stochastic_rounding")
-        stochastic = p_dtype in precision.LOW_PRECISION and method == "stochastic_rounding"
         wd = float(group["weight_decay"])
-        f32 = dict(dtype=torch.float32, device=device)
-
-        fin = torch.empty((n, geo["T"]), **f32)
-        mu = torch.empty((n, rows), **f32) if gc else fin
-        if factored:
-            rowsq = torch.empty((n, rows), **f32)
-            colpart = torch.zeros((n, geo["T"], cols), **f32)
-            rbuf = torch.empty((n, rows), **f32)
-            cbuf = torch.empty((n, cols), **f32)
-            v = fin
-        else:
-            rowsq = colpart = rbuf = cbuf = fin
-            v = stored["v"]
-        g_dt = _tl_dtype(chunk.params[0].grad.dtype)
-        p_dt = _tl_dtype(p_dtype)
-        kt.rows_kernel[(n, geo["T"])](
-            gtable, mu, rowsq, colpart, fin, rows, cols, geo["T"], geo["RPP"], sign,
-            GC=gc, SQUARES=factored, G_DT=g_dt, BR=geo["BR"], BC=geo["BC"])
+        run.rows_pass(kt, squares=run.factored)
         ok = self.finite_flags(opt, fin)
+        if run.factored:
+            run.factors_pass(kt, ok, beta2, eps1)
         beta2w = 1.0 - beta2
-        if factored:
-            kt.factors_kernel[(n, math.ceil(cols / geo["BC"]))](
-                rowsq, colpart, stored["row"], stored["col"], rbuf, cbuf, ok, rows, cols,
-                geo["T"], beta2w, eps1, BR=min(1024, _next_pow2(rows)), BC=geo["BC"])
-        upart = torch.empty((n, geo["F"]), **f32)
-        cpart = torch.empty((n, geo["F"]), **f32)
-        common = (numel, rows, cols, geo["F"], geo["EPP"])
         kt.sumsq_kernel[(n, geo["F"])](
-            gtable, mu, rbuf, cbuf, v, upart, *common, sign, beta2w, eps1,
-            GC=gc, FACTORED=factored, G_DT=g_dt, BLOCK=geo["BLOCK"])
+            gtable, run.mu, run.rbuf, run.cbuf, run.v, run.upart, *run.common(), run.sign,
+            beta2w, eps1, GC=run.gc, FACTORED=run.factored, G_DT=run.g_dt,
+            BLOCK=geo["BLOCK"])
         m = stored.get("m", fin)
         ms = stored.get("m_scale", fin)
-        block = 1
-        amax = fin
-        if kind == "int8":
-            amax = torch.zeros((n, rows), **f32)
-        elif kind == "4bit":
-            block, nblocks = slot_m.codec.layout(slot_m.shape)[1:]
-            amax = torch.zeros((n, nblocks), **f32)
         cautious = bool(group["cautious"])
-        flags = dict(RULE=0, GC=gc, FACTORED=factored, MCODEC=mcodec, G_DT=g_dt, P_DT=p_dt,
-                     WD=wd != 0.0)
-        scalars = (sign, float(beta1), float(beta2), beta2w, eps1,
-                   float(group["clip_threshold"]), wd)
+        flags = dict(RULE=0, GC=run.gc, FACTORED=run.factored, MCODEC=run.mcodec,
+                     G_DT=run.g_dt, P_DT=run.p_dt, WD=wd != 0.0, CLIP=True)
+        scalars = (run.sign, float(beta1), float(beta2), beta2w, eps1,
+                   float(group["clip_threshold"]), wd, 0.0, 1.0)
+        buffers = (gtable, ptable, run.mu, run.rbuf, run.cbuf, run.v, m, ms, fin, fin, fin,
+                   run.upart)
         kt.moment_kernel[(n, geo["F"])](
-            gtable, ptable, mu, rbuf, cbuf, v, m, ms, upart, cpart, amax, *common, block,
-            *scalars, **flags, CAUTIOUS=cautious, BLOCK=geo["BLOCK"], FB=_PARTIAL_BLOCK)
-        seed = self.seed(opt, device, stochastic)
-        m_dt = _tl_dtype(m.dtype)
+            *buffers, run.cpart, run.amax, fin, *run.common(), run.block, *scalars, **flags,
+            CAUTIOUS=cautious, BLOCK=geo["BLOCK"], FB=_PARTIAL_BLOCK)
         kt.apply_kernel[(n, geo["F"])](
-            gtable, ptable, mu, rbuf, cbuf, v, m, ms, upart, cpart, amax, ok, seed, *common,
-            block, *scalars, float(group["lr"]), **flags, M_DT=m_dt, CAUTIOUS=cautious,
-            SR=stochastic, BLOCK=geo["BLOCK"], FB=_PARTIAL_BLOCK)
-        if kind in ("int8", "4bit"):
-            self.store_scales(stored, amax, ok, 127.0 if kind == "int8" else 7.0)
+            *buffers, run.cpart, run.amax, fin, ok, self.seed(opt, run.device, run.stochastic),
+            *run.common(), run.block, *scalars, float(group["lr"]), **flags,
+            M_DT=_tl_dtype(m.dtype), CAUTIOUS=cautious, SR=run.stochastic, BLOCK=geo["BLOCK"],
+            FB=_PARTIAL_BLOCK)
+        if run.quantized:
+            self.store_scales(stored, run.amax, ok, run.levels)
 
 
 class LionKernel(ChunkKernel):
@@ -251,67 +273,104 @@ class LionKernel(ChunkKernel):
 
     rule = 1
 
+    def launch(self, opt, group, chunk, stored, gtable, ptable) -> None:
+        from kaon.kernels import _triton as kt
+
+        run = _Launch(self, opt, group, chunk, stored, gtable, ptable)
+        geo, n, fin = run.geo, run.n, run.fin
+        beta1, beta2 = group["betas"]
+        wd = float(group["weight_decay"])
+        run.rows_pass(kt, squares=False)
+        ok = self.finite_flags(opt, fin)
+        m = stored.get("m", fin)
+        ms = stored.get("m_scale", fin)
+        cautious = bool(group["cautious"])
+        flags = dict(RULE=1, GC=run.gc, FACTORED=True, MCODEC=run.mcodec, G_DT=run.g_dt,
+                     P_DT=run.p_dt, WD=wd != 0.0, CLIP=False)
+        scalars = (run.sign, float(beta1), float(beta2), 0.0, 0.0, 1.0, wd, 0.0, 1.0)
+        buffers = (gtable, ptable, run.mu, fin, fin, fin, m, ms, fin, fin, fin, fin)
+        if cautious or run.quantized:
+            kt.moment_kernel[(n, geo["F"])](
+                *buffers, run.cpart, run.amax, fin, *run.common(), run.block, *scalars,
+                **flags, CAUTIOUS=cautious, BLOCK=geo["BLOCK"], FB=_PARTIAL_BLOCK)
+        kt.apply_kernel[(n, geo["F"])](
+            *buffers, run.cpart, run.amax, fin, ok, self.seed(opt, run.device, run.stochastic),
+            *run.common(), run.block, *scalars, float(group["lr"]), **flags,
+            M_DT=_tl_dtype(m.dtype), CAUTIOUS=cautious, SR=run.stochastic, BLOCK=geo["BLOCK"],
+            FB=_PARTIAL_BLOCK)
+        if run.quantized:
+            self.store_scales(stored, run.amax, ok, run.levels)
+
+
+class AdaPNMKernel(ChunkKernel):
+    """AdaPNM (factored or 1-D second moment, both momenta in float32 / bfloat16 / int8 /
+    4-bit, centralization, RMS clip or none, cautious, decoupled decay; fp32 or bf16 weights).
+    Declined: ``ams_bound`` on 1-D tensors (its ``v_max`` slot)."""
+
+    rule = 2
+    momentum_slots = ("m_pos", "m_neg")
+
     def static_blocker(self, opt, group, chunk):
         reason = super().static_blocker(opt, group, chunk)
-        if reason is None:
-            for slot in chunk.slots:
-                if slot.name == "m" and _momentum_kind(slot) == "unknown":
-                    return "momentum codec"
+        if reason is None and any(s.name == "v_max" for s in chunk.slots):
+            return "ams_bound"
         return reason
 
     def launch(self, opt, group, chunk, stored, gtable, ptable) -> None:
         from kaon.kernels import _triton as kt
 
-        geo = self.geometry(chunk)
-        n, rows, cols, numel = geo["N"], geo["R"], geo["C"], geo["numel"]
-        device = chunk.params[0].device
+        run = _Launch(self, opt, group, chunk, stored, gtable, ptable)
+        geo, n, fin = run.geo, run.n, run.fin
         beta1, beta2 = group["betas"]
-        slot_m = next((s for s in chunk.slots if s.name == "m"), None)
-        kind = "none" if slot_m is None else _momentum_kind(slot_m)
-        mcodec = _MCODEC[kind]
-        gc = (bool(group["gradient_centralization"]) and len(chunk.view) == 2 and cols > 1)
-        sign = -1.0 if group.get("maximize", False) else 1.0
-        p_dtype = chunk.params[0].dtype
-        method = group.get("bf16_method", "stochastic_rounding")
-        stochastic = p_dtype in precision.LOW_PRECISION and method == "stochastic_rounding"
+        beta0, eps, lr = float(group["beta0"]), float(group["eps"]), float(group["lr"])
         wd = float(group["weight_decay"])
-        f32 = dict(dtype=torch.float32, device=device)
-
-        fin = torch.empty((n, geo["T"]), **f32)
-        mu = torch.empty((n, rows), **f32) if gc else fin
-        g_dt = _tl_dtype(chunk.params[0].grad.dtype)
-        p_dt = _tl_dtype(p_dtype)
-        kt.rows_kernel[(n, geo["T"])](
-            gtable, mu, fin, fin, fin, rows, cols, geo["T"], geo["RPP"], sign,
-            GC=gc, SQUARES=False, G_DT=g_dt, BR=geo["BR"], BC=geo["BC"])
+        # the per-tensor step count and its coefficients, as the reference computes them
+        old_step = stored["step"]
+        t = old_step + 1.0
+        t64 = t.double().view(-1)
+        coef = torch.stack([
+            (lr / (1.0 - torch.pow(beta1, t64))).float(),
+            (1.0 - torch.pow(beta2, t64)).sqrt_().float(),
+            torch.remainder(t.view(-1), 2.0).eq(1.0).float(),
+        ], dim=1).contiguous()
+        run.rows_pass(kt, squares=run.factored)
         ok = self.finite_flags(opt, fin)
-        cpart = torch.empty((n, geo["F"]), **f32)
-        common = (numel, rows, cols, geo["F"], geo["EPP"])
-        m = stored.get("m", fin)
-        ms = stored.get("m_scale", fin)
-        block = 1
-        amax = fin
-        if kind == "int8":
-            amax = torch.zeros((n, rows), **f32)
-        elif kind == "4bit":
-            block, nblocks = slot_m.codec.layout(slot_m.shape)[1:]
-            amax = torch.zeros((n, nblocks), **f32)
+        eps1 = max(eps, _FACTORED_EPS_FLOOR) if run.factored else eps
+        if run.factored:
+            run.factors_pass(kt, ok, beta2, eps1)
+        clip = float(group["clip_threshold"])
         cautious = bool(group["cautious"])
-        flags = dict(RULE=1, GC=gc, FACTORED=True, MCODEC=mcodec, G_DT=g_dt, P_DT=p_dt,
-                     WD=wd != 0.0)
-        scalars = (sign, float(beta1), float(beta2), 0.0, 0.0, 1.0, wd)
-        quantized = kind in ("int8", "4bit")
-        if cautious or quantized:
+        weight = 1.0 - beta1 * beta1
+        noise = math.sqrt((1.0 + beta0) ** 2 + beta0**2)
+        scalars = (run.sign, weight, float(beta2), 1.0 - beta2, eps1, clip if clip > 0 else 1.0,
+                   lr * wd, beta0, 1.0 / noise)
+        m, m2 = stored["m_pos"], stored["m_neg"]
+        ms, ms2 = stored.get("m_pos_scale", fin), stored.get("m_neg_scale", fin)
+        buffers = (gtable, ptable, run.mu, run.rbuf, run.cbuf, run.v, m, ms, m2, ms2, coef,
+                   run.upart)
+        common = run.common()
+        if clip > 0:
+            kt.pnm_sumsq_kernel[(n, geo["F"])](
+                *buffers, *common, run.block, *scalars, GC=run.gc, FACTORED=run.factored,
+                MCODEC=run.mcodec, G_DT=run.g_dt, P_DT=run.p_dt, BLOCK=geo["BLOCK"],
+                FB=_PARTIAL_BLOCK)
+        amax2 = torch.zeros_like(run.amax) if run.quantized else fin
+        flags = dict(RULE=2, GC=run.gc, FACTORED=run.factored, MCODEC=run.mcodec,
+                     G_DT=run.g_dt, P_DT=run.p_dt, WD=wd != 0.0, CLIP=clip > 0)
+        if cautious or run.quantized:
             kt.moment_kernel[(n, geo["F"])](
-                gtable, ptable, mu, fin, fin, fin, m, ms, fin, cpart, amax, *common, block,
-                *scalars, **flags, CAUTIOUS=cautious, BLOCK=geo["BLOCK"], FB=_PARTIAL_BLOCK)
-        seed = self.seed(opt, device, stochastic)
+                *buffers, run.cpart, run.amax, amax2, *common, run.block, *scalars, **flags,
+                CAUTIOUS=cautious, BLOCK=geo["BLOCK"], FB=_PARTIAL_BLOCK)
         kt.apply_kernel[(n, geo["F"])](
-            gtable, ptable, mu, fin, fin, fin, m, ms, fin, cpart, amax, ok, seed, *common,
-            block, *scalars, float(group["lr"]), **flags, M_DT=_tl_dtype(m.dtype),
-            CAUTIOUS=cautious, SR=stochastic, BLOCK=geo["BLOCK"], FB=_PARTIAL_BLOCK)
-        if quantized:
-            self.store_scales(stored, amax, ok, 127.0 if kind == "int8" else 7.0)
+            *buffers, run.cpart, run.amax, amax2, ok,
+            self.seed(opt, run.device, run.stochastic), *common, run.block, *scalars, lr,
+            **flags, M_DT=_tl_dtype(m.dtype), CAUTIOUS=cautious, SR=run.stochastic,
+            BLOCK=geo["BLOCK"], FB=_PARTIAL_BLOCK)
+        if run.quantized:
+            for key, amax in (("m_pos_scale", run.amax), ("m_neg_scale", amax2)):
+                self.store_scales(stored, amax, ok, run.levels, key)
+        old_step.copy_(torch.where(ok.bool().view(-1, 1), t, old_step))
 
 
-KERNELS: dict[type, ChunkKernel] = {Adakaon: AdakaonKernel(), Lion: LionKernel()}
+KERNELS: dict[type, ChunkKernel] = {Adakaon: AdakaonKernel(), Lion: LionKernel(),
+                                    AdaPNM: AdaPNMKernel()}
