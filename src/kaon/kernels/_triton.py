@@ -236,16 +236,26 @@ def _partial_sum(PART, n, F, FB: tl.constexpr):
 
 
 @triton.jit
+def _displacement(m, scale, bound):
+    """Nekaon's ``clamp(-scale * m, -bound, bound)`` with NaN -> 0 (and +-inf -> +-bound)."""
+    e = m * (-scale)
+    e = tl.where(e != e, 0.0, e)
+    return tl.minimum(tl.maximum(e, -bound), bound)
+
+
+@triton.jit
 def _step_values(G, P, MU, RBUF, CBUF, V, M, MS, M2, MS2, COEF, UPART, n, idx, emask, numel,
                  R, C, F, MB, sign, beta1, beta2, beta2w, eps1, clip, wd, beta0, inv_noise,
                  RULE: tl.constexpr, GC: tl.constexpr, FACTORED: tl.constexpr,
                  MCODEC: tl.constexpr, G_DT: tl.constexpr, P_DT: tl.constexpr,
-                 WD: tl.constexpr, CLIP: tl.constexpr, FB: tl.constexpr):
-    """(g, new momentum, new second momentum (AdaPNM), the step before cautious masking and
-    lr (AdaPNM: before its step size), v_new, p) of elements. ``CLIP`` applies the RMS clip
+                 WD: tl.constexpr, CLIP: tl.constexpr, FB: tl.constexpr,
+                 NEKAON: tl.constexpr = False):
+    """(g, new momentum, aux, the step before cautious masking and lr (AdaPNM: before its step
+    size), v_new, p) of elements; aux is AdaPNM's new second momentum and Nekaon's old
+    displacement (Nekaon: COEF is the old climb record [N, 2]). ``CLIP`` applies the RMS clip
     from the ``UPART`` partial sums (off for the pass that computes them)."""
     p = tl.load(_ptr(P, n, P_DT) + idx, mask=emask, other=0.0).to(tl.float32)
-    m2_new = p  # AdaPNM only
+    m2_new = p  # aux
     if RULE == 0:  # Adakaon
         g, u, v_new = _normalized(G, MU, RBUF, CBUF, V, n, idx, emask, numel, R, C, sign,
                                   beta2w, eps1, GC, FACTORED, G_DT)
@@ -256,9 +266,17 @@ def _step_values(G, P, MU, RBUF, CBUF, V, M, MS, M2, MS2, COEF, UPART, n, idx, e
             m_old = _decode_m(M, MS, n, idx, emask, numel, R, C, MB, MCODEC)
             m_new = _lerp(m_old, u, 1.0 - beta1)
         else:
+            m_old = u
             m_new = u
         d = m_new
-        if WD:
+        if NEKAON:  # Adakaon's rule at the true weights p - e_old
+            zero = tl.zeros_like(g).to(tl.int32)
+            e_old = _displacement(m_old, tl.load(COEF + n * 2 + zero),
+                                  tl.load(COEF + n * 2 + 1 + zero))
+            m2_new = e_old
+            if WD:
+                d = d + wd * (p - e_old)
+        elif WD:
             d = d + wd * p
     elif RULE == 1:  # Lion
         g = tl.load(_ptr(G, n, G_DT) + idx, mask=emask, other=0.0).to(tl.float32) * sign
@@ -346,7 +364,7 @@ def moment_kernel(G, P, MU, RBUF, CBUF, V, M, MS, M2, MS2, COEF, UPART, CPART, A
                   inv_noise, RULE: tl.constexpr, GC: tl.constexpr, FACTORED: tl.constexpr,
                   MCODEC: tl.constexpr, G_DT: tl.constexpr, P_DT: tl.constexpr,
                   WD: tl.constexpr, CLIP: tl.constexpr, CAUTIOUS: tl.constexpr,
-                  BLOCK: tl.constexpr, FB: tl.constexpr):
+                  BLOCK: tl.constexpr, FB: tl.constexpr, NEKAON: tl.constexpr = False):
     n = tl.program_id(0)
     f = tl.program_id(1)
     lo = f * EPP
@@ -358,7 +376,7 @@ def moment_kernel(G, P, MU, RBUF, CBUF, V, M, MS, M2, MS2, COEF, UPART, CPART, A
         g, m_new, m2_new, d, _, _ = _step_values(
             G, P, MU, RBUF, CBUF, V, M, MS, M2, MS2, COEF, UPART, n, idx, emask, numel, R, C,
             F, MB, sign, beta1, beta2, beta2w, eps1, clip, wd, beta0, inv_noise,
-            RULE, GC, FACTORED, MCODEC, G_DT, P_DT, WD, CLIP, FB)
+            RULE, GC, FACTORED, MCODEC, G_DT, P_DT, WD, CLIP, FB, NEKAON)
         if CAUTIOUS:
             count += (emask & (d * g > 0)).to(tl.int32)
         _absmax_into(AMAX, n, idx, emask, m_new, numel, R, C, MB, MCODEC)
@@ -385,6 +403,25 @@ def _encode_m(AMAX, n, idx, emask, m_new, numel, R, C, MB, MCODEC: tl.constexpr)
 
 
 @triton.jit
+def _as_stored(AMAX, n, idx, emask, m_new, numel, R, C, MB, MCODEC: tl.constexpr):
+    """The new momentum as the next step will decode it."""
+    if MCODEC == 3:
+        a = tl.load(AMAX + n.to(tl.int64) * R + idx // C, mask=emask, other=1.0)
+        scale = tl.maximum(a, 1e-12) / 127.0
+        x = _round_half_even(m_new / scale) * scale
+    elif MCODEC == 4:
+        nblocks = (numel + MB - 1) // MB
+        a = tl.load(AMAX + n.to(tl.int64) * nblocks + idx // MB, mask=emask, other=1.0)
+        scale = tl.maximum(a, 1e-12) / 7.0
+        x = _round_half_even(m_new / scale) * scale
+    elif MCODEC == 2:
+        x = _rne_bf16(m_new).to(tl.float32)
+    else:
+        x = m_new
+    return x
+
+
+@triton.jit
 def _write_param(P, n, idx, emask, z, seed, numel, P_DT: tl.constexpr, SR: tl.constexpr):
     p_ptr = _ptr(P, n, P_DT)
     if SR:
@@ -403,8 +440,11 @@ def apply_kernel(G, P, MU, RBUF, CBUF, V, M, MS, M2, MS2, COEF, UPART, CPART, AM
                  MCODEC: tl.constexpr, G_DT: tl.constexpr, P_DT: tl.constexpr,
                  M_DT: tl.constexpr, WD: tl.constexpr, CLIP: tl.constexpr,
                  CAUTIOUS: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr,
-                 FB: tl.constexpr):
-    """Program (n, f) writes element pairs [lo, hi) of tensor n; EPP is even."""
+                 FB: tl.constexpr, NEKAON: tl.constexpr = False, CLIMB: tl.constexpr = False,
+                 kscale=0.0, kbound=0.0):
+    """Program (n, f) writes element pairs [lo, hi) of tensor n; EPP is even. Nekaon: the
+    weights move by ``delta + e_old - e_new``, ``e_new`` from the momentum as stored and the new
+    climb record ``(kscale, kbound)``."""
     n = tl.program_id(0)
     f = tl.program_id(1)
     half: tl.constexpr = BLOCK // 2
@@ -430,13 +470,19 @@ def apply_kernel(G, P, MU, RBUF, CBUF, V, M, MS, M2, MS2, COEF, UPART, CPART, AM
             g, m_new, m2_new, d, v_new, p = _step_values(
                 G, P, MU, RBUF, CBUF, V, M, MS, M2, MS2, COEF, UPART, n, idx, emask, numel, R,
                 C, F, MB, sign, beta1, beta2, beta2w, eps1, clip, wd, beta0, inv_noise,
-                RULE, GC, FACTORED, MCODEC, G_DT, P_DT, WD, CLIP, FB)
+                RULE, GC, FACTORED, MCODEC, G_DT, P_DT, WD, CLIP, FB, NEKAON)
             if CAUTIOUS:  # noqa: SIM108 (a Triton constexpr branch)
                 delta = tl.where(d * g > 0, d, 0.0) * scale
             else:
                 delta = d * scale
             if RULE == 2 and WD:  # AdaPNM's decay is not masked
                 delta = delta + wd * p
+            if NEKAON:
+                delta = delta + m2_new
+                if CLIMB:
+                    delta = delta - _displacement(
+                        _as_stored(AMAX, n, idx, emask, m_new, numel, R, C, MB, MCODEC),
+                        kscale, kbound)
             _write_param(P, n, idx, emask & ok, p - delta, seed, numel, P_DT, SR)
             if not FACTORED:
                 tl.store(V + n.to(tl.int64) * numel + idx, v_new, mask=emask & ok)

@@ -16,9 +16,12 @@ from kaon.kernels import interpreter
 from kaon.optim.adakaon import Adakaon
 from kaon.optim.adapnm import _FACTORED_EPS_FLOOR, AdaPNM
 from kaon.optim.lion import Lion
+from kaon.optim.nekaon import _RECORD as _CLIMB
+from kaon.optim.nekaon import Nekaon
 from kaon.state.codecs import FloatCodec, FourBitCodec, Int8Codec
 
-__all__ = ["ChunkKernel", "AdakaonKernel", "LionKernel", "AdaPNMKernel", "KERNELS"]
+__all__ = ["ChunkKernel", "AdakaonKernel", "NekaonKernel", "LionKernel", "AdaPNMKernel",
+           "KERNELS"]
 
 _MCODEC = {"none": 0, "float32": 1, "bfloat16": 2, "int8": 3, "4bit": 4}
 _GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -249,22 +252,35 @@ class AdakaonKernel(ChunkKernel):
         m = stored.get("m", fin)
         ms = stored.get("m_scale", fin)
         cautious = bool(group["cautious"])
+        lr, clip = float(group["lr"]), float(group["clip_threshold"])
+        # Nekaon (its momentum groups): the climb record in place of AdaPNM's coefficients
+        record = stored.get(_CLIMB)
+        nekaon = record is not None
         flags = dict(RULE=0, GC=run.gc, FACTORED=run.factored, MCODEC=run.mcodec,
-                     G_DT=run.g_dt, P_DT=run.p_dt, WD=wd != 0.0, CLIP=True)
-        scalars = (run.sign, float(beta1), float(beta2), beta2w, eps1,
-                   float(group["clip_threshold"]), wd, 0.0, 1.0)
-        buffers = (gtable, ptable, run.mu, run.rbuf, run.cbuf, run.v, m, ms, fin, fin, fin,
-                   run.upart)
+                     G_DT=run.g_dt, P_DT=run.p_dt, WD=wd != 0.0, CLIP=True, NEKAON=nekaon)
+        scalars = (run.sign, float(beta1), float(beta2), beta2w, eps1, clip, wd, 0.0, 1.0)
+        buffers = (gtable, ptable, run.mu, run.rbuf, run.cbuf, run.v, m, ms, fin, fin,
+                   record if nekaon else fin, run.upart)
         kt.moment_kernel[(n, geo["F"])](
             *buffers, run.cpart, run.amax, fin, *run.common(), run.block, *scalars, **flags,
             CAUTIOUS=cautious, BLOCK=geo["BLOCK"], FB=_PARTIAL_BLOCK)
+        k = float(group.get("k", 0.0))
         kt.apply_kernel[(n, geo["F"])](
             *buffers, run.cpart, run.amax, fin, ok, self.seed(opt, run.device, run.stochastic),
-            *run.common(), run.block, *scalars, float(group["lr"]), **flags,
+            *run.common(), run.block, *scalars, lr, **flags,
             M_DT=_tl_dtype(m.dtype), CAUTIOUS=cautious, SR=run.stochastic, BLOCK=geo["BLOCK"],
-            FB=_PARTIAL_BLOCK)
+            FB=_PARTIAL_BLOCK, CLIMB=nekaon and k != 0.0, kscale=k * lr, kbound=k * clip * lr)
         if run.quantized:
             self.store_scales(stored, run.amax, ok, run.levels)
+        if nekaon:
+            new = torch.tensor([k * lr, k * clip * lr], dtype=torch.float32)
+            new = new.to(run.device, non_blocking=True).expand_as(record)
+            record.copy_(torch.where(ok.bool().view(-1, 1), new, record))
+
+
+class NekaonKernel(AdakaonKernel):
+    """Nekaon: Adakaon's kernel with the climb (``w <- w - (delta + e_old - e_new)``, one
+    rounding); groups without momentum run as plain Adakaon."""
 
 
 class LionKernel(ChunkKernel):
@@ -372,5 +388,5 @@ class AdaPNMKernel(ChunkKernel):
         old_step.copy_(torch.where(ok.bool().view(-1, 1), t, old_step))
 
 
-KERNELS: dict[type, ChunkKernel] = {Adakaon: AdakaonKernel(), Lion: LionKernel(),
-                                    AdaPNM: AdaPNMKernel()}
+KERNELS: dict[type, ChunkKernel] = {Adakaon: AdakaonKernel(), Nekaon: NekaonKernel(),
+                                    Lion: LionKernel(), AdaPNM: AdaPNMKernel()}
