@@ -4,8 +4,8 @@ A *chunk kernel* runs an optimizer's rule over one engine chunk (a batch of same
 with packed state, or one large tensor) in a few launches, on the same state tensors as the
 reference rule. The engine asks the optimizer's kernel first for every chunk
 (:func:`kaon.engine.run_group`); a kernel that cannot run a chunk exactly declines it and the
-reference rule runs. Registered: :class:`kaon.Adakaon` and :class:`kaon.Lion` (exact classes:
-a subclass with another rule, such as Nekaon, has none unless registered itself).
+reference rule runs. Registered (for exact classes: a subclass with another rule has none
+unless it registers one): Adakaon, Nekaon, Lion, AdaPNM (``kaon.kernels.rules.KERNELS``).
 
 Importing this package never imports Triton; :func:`triton_available` does, once.
 ``TRITON_INTERPRET=1`` (set before Triton is imported) runs the kernels on CPU tensors with
