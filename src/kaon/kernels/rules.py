@@ -273,8 +273,9 @@ class AdakaonKernel(ChunkKernel):
         if run.quantized:
             self.store_scales(stored, run.amax, ok, run.levels)
         if nekaon:
-            new = torch.tensor([k * lr, k * clip * lr], dtype=torch.float32)
-            new = new.to(run.device, non_blocking=True).expand_as(record)
+            new = torch.empty_like(record)  # filled on the device: no host copy (graphs)
+            new[:, 0].fill_(k * lr)
+            new[:, 1].fill_(k * clip * lr)
             record.copy_(torch.where(ok.bool().view(-1, 1), new, record))
 
 
