@@ -450,6 +450,88 @@ def test_foreach_off_and_tiny_budget_match():
             assert torch.equal(a, b)
 
 
+# ------------------------------------------------------------------ AdamW with quantized state
+ADAMW = [
+    {"state_dtype": "int8"},
+    {"state_dtype": "4bit"},
+    {"state_dtype": ("int8", "bfloat16"), "maximize": True, "weight_decay": 0.0},
+    {"state_dtype": ("4bit", "log8"), "weight_decay": 0.1},
+    {"state_dtype": ("float32", "log4")},
+]
+
+
+def adamw_pair(kw, steps, shapes=SHAPES, dtype=torch.float32):
+    """kaon.AdamW picks its Triton kernel by itself only on CUDA (its fused=True means torch's
+    kernel); here the kernel is attached explicitly to run it under the interpreter."""
+    params_r = make_params(shapes, dtype)
+    ref = kaon.AdamW(params_r, lr=1e-2, fused=False, **kw)
+    for i in range(steps):
+        set_grads(params_r, i)
+        ref.step()
+    params_f = clone_params(params_r)
+    fused = kaon.AdamW(params_f, lr=1e-2, **kw)
+    fused._kernel = kernels.kernel_for(kaon.AdamW)
+    fused.load_state_dict(roundtrip(ref.state_dict()))
+    return ref, params_r, fused, params_f
+
+
+@needs_triton
+@pytest.mark.parametrize("kw", ADAMW)
+def test_adamw_quantized_state_matches_the_reference(kw):
+    ref, params_r, fused, params_f = adamw_pair(kw, steps=2)
+    before = [p.detach().clone() for p in params_r]
+    set_grads(params_r, 5)
+    set_grads(params_f, 5)
+    ref.step()
+    fused.step()
+    assert_kernels_ran(fused)
+    for b, pr, pf in zip(before, params_r, params_f):
+        assert_step_close(b, pr, pf)
+    for pf, pr in zip(params_f, params_r):
+        assert sorted(fused.state[pf]) == sorted(ref.state[pr])
+        for key, b in ref.state[pr].items():
+            a = fused.state[pf][key]
+            assert a.dtype == b.dtype and a.shape == b.shape, key
+            if b.dtype in (torch.int8, torch.uint8):
+                packed = b.dtype == torch.uint8 and b.numel() < pr.numel()  # two codes a byte
+                for shift in (0, 4) if packed else (0,):
+                    mask = 15 if packed else 255
+                    diff = (((a.int() >> shift) & mask) - ((b.int() >> shift) & mask)).abs()
+                    if b.dtype == torch.int8:
+                        diff = (a.int() - b.int()).abs()
+                    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01, key
+            elif b.dtype == torch.bfloat16:
+                assert torch.allclose(a.float(), b.float(), rtol=2 ** -7, atol=0), key
+            else:
+                assert rel(a, b) <= 1e-6, key
+
+
+@needs_triton
+def test_adamw_fused_skips_nonfinite_and_resumes_exactly():
+    kw = {"state_dtype": "4bit"}
+    ref, params_r, fused, params_f = adamw_pair(kw, steps=1, shapes=SMALL)
+    set_grads(params_f, 3)
+    params_f[1].grad.view(-1)[0] = float("nan")
+    before = params_f[1].detach().clone()
+    state_before = {k: v.clone() for k, v in fused.state[params_f[1]].items()}
+    saved = roundtrip(fused.state_dict())
+    fused.step()
+    assert torch.equal(params_f[1], before)
+    for key, value in fused.state[params_f[1]].items():
+        assert torch.equal(value, state_before[key]), key
+    # resume: a fresh fused optimizer from the checkpoint gives the same bits
+    params_c = clone_params(params_f)
+    twin = kaon.AdamW(params_c, lr=1e-2, **kw)
+    twin._kernel = kernels.kernel_for(kaon.AdamW)
+    twin.load_state_dict(roundtrip(fused.state_dict()))
+    for opt, ps in ((fused, params_f), (twin, params_c)):
+        set_grads(ps, 4)
+        opt.step()
+    for a, b in zip(params_f, params_c):
+        assert torch.equal(a, b)
+    assert saved["state"]  # the checkpoint held state before the skipped step
+
+
 # ------------------------------------------------------------------ GPU only
 @needs_cuda
 @needs_triton

@@ -53,7 +53,7 @@ class KaonOptimizer(torch.optim.Optimizer):
         The stream's state is saved in ``state_dict()``.
     fused (bool | None, default None)
         Run the rule with kaon's Triton kernel where one is registered for the optimizer
-        (:mod:`kaon.kernels`; Adakaon, Nekaon, Lion, AdaPNM). ``None``: automatically when CUDA and Triton
+        (:mod:`kaon.kernels`; Adakaon, Nekaon, Lion, AdaPNM, AdamW). ``None``: automatically when CUDA and Triton
         are present; ``True``: always (``RuntimeError`` without Triton or without a CUDA device,
         unless ``TRITON_INTERPRET=1``; ``ValueError`` when the optimizer has no kernel);
         ``False``: never. A chunk the kernel cannot run exactly (Kahan or fp16 weights,

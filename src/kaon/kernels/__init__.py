@@ -5,7 +5,7 @@ with packed state, or one large tensor) in a few launches, on the same state ten
 reference rule. The engine asks the optimizer's kernel first for every chunk
 (:func:`kaon.engine.run_group`); a kernel that cannot run a chunk exactly declines it and the
 reference rule runs. Registered (for exact classes: a subclass with another rule has none
-unless it registers one): Adakaon, Nekaon, Lion, AdaPNM (``kaon.kernels.rules.KERNELS``).
+unless it registers one): Adakaon, Nekaon, Lion, AdaPNM, AdamW (``kaon.kernels.rules.KERNELS``).
 
 Importing this package never imports Triton; :func:`triton_available` does, once.
 ``TRITON_INTERPRET=1`` (set before Triton is imported) runs the kernels on CPU tensors with

@@ -514,3 +514,146 @@ def apply_kernel(G, P, MU, RBUF, CBUF, V, M, MS, M2, MS2, COEF, UPART, CPART, AM
             if RULE == 2:
                 tl.store(M2 + n.to(tl.int64) * nbytes + pair,
                          (low2 | (high2 << 4)).to(tl.uint8), mask=bmask)
+
+
+# ------------------------------------------------------------------------------------ AdamW
+# second-moment codecs (constexpr): 1 float32, 2 bfloat16, 5 log8, 6 log4
+
+
+@triton.jit
+def _decode_v(V, VS, VO, n, idx, emask, numel, VB, VCODEC: tl.constexpr, STEPS: tl.constexpr):
+    if VCODEC == 1:
+        v = tl.load(V + n.to(tl.int64) * numel + idx, mask=emask, other=0.0)
+    elif VCODEC == 2:
+        v = tl.load(V + n.to(tl.int64) * numel + idx, mask=emask, other=0.0).to(tl.float32)
+    else:
+        if VCODEC == 5:
+            q = tl.load(V + n.to(tl.int64) * numel + idx, mask=emask, other=0).to(tl.int32)
+        else:
+            nbytes = (numel + 1) // 2
+            byte = tl.load(V + n.to(tl.int64) * nbytes + idx // 2, mask=emask, other=0)
+            byte = byte.to(tl.int32)
+            q = tl.where((idx % 2) == 0, byte & 0x0F, (byte >> 4) & 0x0F)
+        nblocks = (numel + VB - 1) // VB
+        span = tl.load(VS + n.to(tl.int64) * nblocks + idx // VB, mask=emask, other=1.0)
+        lo = tl.load(VO + n.to(tl.int64) * nblocks + idx // VB, mask=emask, other=0.0)
+        # float64, as the reference decodes (the value must not depend on the device's exp2)
+        log2 = (q.to(tl.float64) - 1.0) * (span.to(tl.float64) / STEPS) + lo.to(tl.float64)
+        v = tl.where(q > 0, tl.exp2(log2), 0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _adam_values(G, P, M, MS, V, VS, VO, COEF, n, idx, emask, numel, R, C, MB, VB, sign,
+                 beta1, beta2, eps, MCODEC: tl.constexpr, VCODEC: tl.constexpr,
+                 STEPS: tl.constexpr, G_DT: tl.constexpr, P_DT: tl.constexpr):
+    """(new m, new v, the direction, p); COEF [N, 2] = (1 - beta1^t, sqrt(1 - beta2^t))."""
+    g = tl.load(_ptr(G, n, G_DT) + idx, mask=emask, other=0.0).to(tl.float32) * sign
+    p = tl.load(_ptr(P, n, P_DT) + idx, mask=emask, other=0.0).to(tl.float32)
+    m_old = _decode_m(M, MS, n, idx, emask, numel, R, C, MB, MCODEC)
+    v_old = _decode_v(V, VS, VO, n, idx, emask, numel, VB, VCODEC, STEPS)
+    m_new = _lerp(m_old, g, 1.0 - beta1)
+    v_new = v_old * beta2 + (1.0 - beta2) * g * g  # torch's addcmul order
+    zero = tl.zeros_like(g).to(tl.int32)
+    bc1 = tl.load(COEF + n * 2 + zero)
+    bc2s = tl.load(COEF + n * 2 + 1 + zero)
+    denom = tl.sqrt(v_new) / bc2s + eps
+    return m_new, v_new, (m_new / denom) / bc1, p
+
+
+@triton.jit
+def adam_moment_kernel(G, P, M, MS, V, VS, VO, COEF, AMAX, VHI, VLO, numel, R, C, EPP, MB, VB,
+                       sign, beta1, beta2, eps, MCODEC: tl.constexpr, VCODEC: tl.constexpr,
+                       STEPS: tl.constexpr, G_DT: tl.constexpr, P_DT: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """The absmax of the new first moment per int8 row / 4-bit block, and the log2 range of the
+    new second moment's non-zero values per log-space block (``atomic_max`` of ``log2`` and of
+    ``-log2``: exact in any order)."""
+    n = tl.program_id(0)
+    f = tl.program_id(1)
+    lo = f * EPP
+    hi = tl.minimum(lo + EPP, numel)
+    for s in range(lo, hi, BLOCK):
+        idx = s + tl.arange(0, BLOCK)
+        emask = idx < hi
+        m_new, v_new, _, _ = _adam_values(G, P, M, MS, V, VS, VO, COEF, n, idx, emask, numel, R,
+                                          C, MB, VB, sign, beta1, beta2, eps, MCODEC, VCODEC,
+                                          STEPS, G_DT, P_DT)
+        _absmax_into(AMAX, n, idx, emask, m_new, numel, R, C, MB, MCODEC)
+        if VCODEC >= 5:
+            nz = emask & (v_new > 0)
+            log2 = tl.log2(tl.where(nz, v_new, 1.0).to(tl.float64)).to(tl.float32)
+            nblocks = (numel + VB - 1) // VB
+            key = n.to(tl.int64) * nblocks + idx // VB
+            tl.atomic_max(VHI + key, log2, mask=nz)
+            tl.atomic_max(VLO + key, -log2, mask=nz)
+
+
+@triton.jit
+def _encode_v(VS, VO, n, idx, emask, v_new, numel, VB, STEPS: tl.constexpr):
+    nblocks = (numel + VB - 1) // VB
+    span = tl.load(VS + n.to(tl.int64) * nblocks + idx // VB, mask=emask, other=1.0)
+    lo = tl.load(VO + n.to(tl.int64) * nblocks + idx // VB, mask=emask, other=0.0)
+    nz = v_new > 0
+    log2 = tl.log2(tl.where(nz, v_new, 1.0).to(tl.float64)).to(tl.float32)
+    q = _round_half_even((log2 - lo) * (STEPS / span)) + 1.0
+    q = tl.minimum(tl.maximum(q, 1.0), STEPS + 1.0)
+    return tl.where(nz, q, 0.0).to(tl.int32)
+
+
+@triton.jit
+def adam_apply_kernel(G, P, M, MS, V, VS, VO, COEF, AMAX, NVS, NVO, OK, SEED, numel, R, C, EPP,
+                      MB, VB, sign, beta1, beta2, eps, lr, kept,
+                      MCODEC: tl.constexpr, VCODEC: tl.constexpr, STEPS: tl.constexpr,
+                      G_DT: tl.constexpr, P_DT: tl.constexpr, M_DT: tl.constexpr,
+                      WD: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr):
+    """``p <- p - (lr * direction + (p - p * kept))`` (torch's decoupled decay), the moments
+    encoded (NVS / NVO: the new log-space span and offset per block)."""
+    n = tl.program_id(0)
+    f = tl.program_id(1)
+    half: tl.constexpr = BLOCK // 2
+    ok = _flag(OK, n, half)
+    lo = f * EPP
+    hi = tl.minimum(lo + EPP, numel)
+    seed = tl.load(SEED)
+    for s in range(lo, hi, BLOCK):
+        pair = s // 2 + tl.arange(0, half)
+        for j in tl.static_range(2):
+            idx = 2 * pair + j
+            emask = idx < hi
+            m_new, v_new, direction, p = _adam_values(
+                G, P, M, MS, V, VS, VO, COEF, n, idx, emask, numel, R, C, MB, VB, sign, beta1,
+                beta2, eps, MCODEC, VCODEC, STEPS, G_DT, P_DT)
+            delta = direction * lr
+            if WD:
+                delta = delta + (p - p * kept)
+            _write_param(P, n, idx, emask & ok, p - delta, seed, numel, P_DT, SR)
+            q = _encode_m(AMAX, n, idx, emask, m_new, numel, R, C, MB, MCODEC)
+            if MCODEC == 4:
+                nib = (q + 8.0).to(tl.int32)
+                if j == 0:
+                    low = nib
+                else:
+                    high = tl.where(emask, nib, 0)
+            else:
+                _store_as(M + n.to(tl.int64) * numel + idx, q, emask & ok, M_DT)
+            if VCODEC <= 2:
+                _store_as(V + n.to(tl.int64) * numel + idx, v_new, emask & ok,
+                          tl.float32 if VCODEC == 1 else tl.bfloat16)
+            else:
+                code = _encode_v(NVS, NVO, n, idx, emask, v_new, numel, VB, STEPS)
+                if VCODEC == 5:
+                    tl.store(V + n.to(tl.int64) * numel + idx, code.to(tl.uint8),
+                             mask=emask & ok)
+                elif j == 0:
+                    vlow = code
+                else:
+                    vhigh = tl.where(emask, code, 0)
+        nbytes = (numel + 1) // 2
+        bmask = (2 * pair < hi) & ok
+        if MCODEC == 4:
+            tl.store(M + n.to(tl.int64) * nbytes + pair, (low | (high << 4)).to(tl.uint8),
+                     mask=bmask)
+        if VCODEC == 6:
+            tl.store(V + n.to(tl.int64) * nbytes + pair, (vlow | (vhigh << 4)).to(tl.uint8),
+                     mask=bmask)

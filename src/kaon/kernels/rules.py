@@ -14,14 +14,21 @@ from torch import Tensor
 from kaon import engine, precision
 from kaon.kernels import interpreter
 from kaon.optim.adakaon import Adakaon
+from kaon.optim.adamw import AdamW, _bias_correction
 from kaon.optim.adapnm import _FACTORED_EPS_FLOOR, AdaPNM
 from kaon.optim.lion import Lion
 from kaon.optim.nekaon import _RECORD as _CLIMB
 from kaon.optim.nekaon import Nekaon
-from kaon.state.codecs import FloatCodec, FourBitCodec, Int8Codec
+from kaon.state.codecs import (
+    FloatCodec,
+    FourBitCodec,
+    Int8Codec,
+    LogSpace4BitCodec,
+    LogSpace8BitCodec,
+)
 
 __all__ = ["ChunkKernel", "AdakaonKernel", "NekaonKernel", "LionKernel", "AdaPNMKernel",
-           "KERNELS"]
+           "AdamWKernel", "KERNELS"]
 
 _MCODEC = {"none": 0, "float32": 1, "bfloat16": 2, "int8": 3, "4bit": 4}
 _GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -126,8 +133,9 @@ class ChunkKernel:
     @staticmethod
     def geometry(chunk) -> dict[str, int]:
         view = chunk.view
-        rows, cols = (view[0], view[1]) if len(view) == 2 else (1, view[0])
-        numel = rows * cols
+        rows = view[0] if len(view) >= 2 else 1
+        numel = math.prod(view)
+        cols = numel // rows
         br = min(16, _next_pow2(rows))
         bc = min(256, _next_pow2(cols))
         tiles = math.ceil(rows / br)
@@ -180,7 +188,8 @@ class _Launch:
         self.slot = slot
         self.kind = "none" if slot is None else _momentum_kind(slot)
         self.mcodec = _MCODEC[self.kind]
-        self.gc = bool(group["gradient_centralization"]) and self.factored and self.cols > 1
+        self.gc = (bool(group.get("gradient_centralization", False)) and self.factored
+                   and self.cols > 1)
         self.sign = -1.0 if group.get("maximize", False) else 1.0
         method = group.get("bf16_method", "stochastic_rounding")
         self.stochastic = p.dtype in precision.LOW_PRECISION and method == "stochastic_rounding"
@@ -389,5 +398,93 @@ class AdaPNMKernel(ChunkKernel):
         old_step.copy_(torch.where(ok.bool().view(-1, 1), t, old_step))
 
 
+def _second_moment_kind(slot) -> int:
+    codec = slot.codec
+    if isinstance(codec, LogSpace4BitCodec):
+        return 6
+    if isinstance(codec, LogSpace8BitCodec):
+        return 5
+    return {"float32": 1, "bfloat16": 2}.get(_momentum_kind(slot), 0)
+
+
+class AdamWKernel(ChunkKernel):
+    """kaon.AdamW with kaon-specific state (int8 / 4-bit first moment, log-space 8 / 4-bit or
+    bf16 second moment) or bf16 weights: the cases torch's fused AdamW cannot run exactly
+    (float32 state on fp32 weights keeps running torch's kernel through ``fused_step``).
+    Declined: amsgrad, a tensor learning rate, and what every kernel declines."""
+
+    rule = 3
+    momentum_slots = ("exp_avg",)
+
+    def static_blocker(self, opt, group, chunk):
+        view = chunk.view
+        chunk.view = view[:2] if len(view) > 2 else view  # any rank: rows are dim 0
+        try:
+            reason = super().static_blocker(opt, group, chunk)
+        finally:
+            chunk.view = view
+        if reason is None:
+            if any(s.name == "max_exp_avg_sq" for s in chunk.slots):
+                return "amsgrad"
+            if isinstance(group["lr"], Tensor):
+                return "a tensor lr"
+            second = next(s for s in chunk.slots if s.name == "exp_avg_sq")
+            if _second_moment_kind(second) == 0:
+                return "second-moment codec"
+        return reason
+
+    def launch(self, opt, group, chunk, stored, gtable, ptable) -> None:
+        from kaon.kernels import _triton as kt
+
+        run = _Launch(self, opt, group, chunk, stored, gtable, ptable)
+        geo, n, fin = run.geo, run.n, run.fin
+        run.gc = False
+        run.rows_pass(kt, squares=False)
+        ok = self.finite_flags(opt, fin)
+        beta1, beta2 = float(group["betas"][0]), float(group["betas"][1])
+        lr, wd = float(group["lr"]), float(group["weight_decay"])
+        step = stored["step"]
+        t = step + 1.0
+        coef = torch.stack([_bias_correction(beta1, t), _bias_correction(beta2, t).sqrt_()],
+                           dim=1).contiguous()
+        vslot = next(s for s in chunk.slots if s.name == "exp_avg_sq")
+        vcodec = _second_moment_kind(vslot)
+        steps, vblock, vhi, vlo = 1, 1, fin, fin
+        vs, vo = stored.get("exp_avg_sq_scale", fin), stored.get("exp_avg_sq_offset", fin)
+        if vcodec >= 5:
+            steps = vslot.codec.steps
+            vblock, nblocks = vslot.codec.layout(vslot.shape)[1:]
+            vhi = torch.full((n, nblocks), -math.inf, **run.f32)
+            vlo = torch.full((n, nblocks), -math.inf, **run.f32)  # max of -log2
+        m, ms, v = stored["exp_avg"], stored.get("exp_avg_scale", fin), stored["exp_avg_sq"]
+        common = (run.rows * run.cols, run.rows, run.cols, geo["EPP"], run.block, vblock,
+                  run.sign, beta1, beta2, float(group["eps"]))
+        flags = dict(MCODEC=run.mcodec, VCODEC=vcodec, STEPS=steps, G_DT=run.g_dt,
+                     P_DT=run.p_dt)
+        if run.quantized or vcodec >= 5:
+            kt.adam_moment_kernel[(n, geo["F"])](
+                gtable, ptable, m, ms, v, vs, vo, coef, run.amax, vhi, vlo, *common, **flags,
+                BLOCK=geo["BLOCK"])
+        new_span, new_lo = fin, fin
+        if vcodec >= 5:  # the block ranges as the log-space codec derives them
+            hi, lo = vhi, vlo.neg()
+            empty = torch.isinf(hi)
+            hi = torch.where(empty, torch.zeros_like(hi), hi)
+            new_lo = torch.where(empty | (lo >= hi), hi - 1.0, lo)
+            new_span = (hi - new_lo).clamp_min(1e-12)
+        kt.adam_apply_kernel[(n, geo["F"])](
+            gtable, ptable, m, ms, v, vs, vo, coef, run.amax, new_span, new_lo, ok,
+            self.seed(opt, run.device, run.stochastic), *common, lr, 1.0 - lr * wd, **flags,
+            M_DT=_tl_dtype(m.dtype), WD=wd != 0.0, SR=run.stochastic, BLOCK=geo["BLOCK"])
+        keep = ok.bool()
+        if run.quantized:
+            self.store_scales(stored, run.amax, ok, run.levels, "exp_avg_scale")
+        if vcodec >= 5:
+            for old, new in ((vs, new_span), (vo, new_lo)):
+                old.copy_(torch.where(keep.view(-1, 1), new, old))
+        step.copy_(torch.where(keep, t, step))
+
+
 KERNELS: dict[type, ChunkKernel] = {Adakaon: AdakaonKernel(), Nekaon: NekaonKernel(),
-                                    Lion: LionKernel(), AdaPNM: AdaPNMKernel()}
+                                    Lion: LionKernel(), AdaPNM: AdaPNMKernel(),
+                                    AdamW: AdamWKernel()}
