@@ -474,9 +474,10 @@ def baseline_configs() -> list[Config]:
 def kernel_configs() -> list[Config]:
     """kaon's Triton kernels against the quantized AdamWs of bitsandbytes and torchao.
 
-    Every row is optional: a fused row without CUDA or Triton, or a peer that is not installed
-    (or does not run on the device), is skipped with a note. The unfused int8 rows are the
-    reference path of the same rule, for the speed-up.
+    Optional rows: a fused row without CUDA or Triton, or a peer that is not installed (or does
+    not run on the device), is skipped with a note. ``Lion int8`` is the reference path of the
+    fused Lion row; ``kaon AdamW int8`` runs kaon's AdamW kernel on CUDA with Triton (its
+    reference rule elsewhere), the counterpart of the 8-bit peers.
     """
     return [
         Config("Adakaon int8 fused", "Adakaon", {"lr": LR, "momentum_dtype": "int8",
@@ -486,6 +487,7 @@ def kernel_configs() -> list[Config]:
         Config("Lion int8 fused", "Lion", {"lr": LR, "momentum_dtype": "int8", "fused": True},
                optional=True),
         Config("Lion int8", "Lion", {"lr": LR, "momentum_dtype": "int8", "fused": False}),
+        Config("kaon AdamW int8", "AdamW", {"lr": LR, "state_dtype": "int8"}),
         Config("bitsandbytes AdamW8bit", "bitsandbytes.optim.AdamW8bit", {"lr": LR},
                optional=True),
         Config("torchao AdamW8bit", "torchao.optim.AdamW8bit", {"lr": LR}, optional=True),
