@@ -271,7 +271,7 @@ def test_checkpoints_interchange_both_ways(cls, kw):
     a = cls(params_a, lr=LR[cls], fused=True, **kw)
     params_b = clone_params(params_a)
     b = cls(params_b, lr=LR[cls], fused=False, **kw)
-    for i in range(3):
+    for i in range(2):
         set_grads(params_a, i)
         set_grads(params_b, i)
         a.step()
@@ -285,7 +285,7 @@ def test_checkpoints_interchange_both_ways(cls, kw):
     params_d = clone_params(params_b)
     d = cls(params_d, lr=LR[cls], fused=True, **kw)
     d.load_state_dict(roundtrip(b.state_dict()))
-    for i in range(3, 5):
+    for i in range(2, 4):
         for ps in (params_a, params_b, params_c, params_d):
             set_grads(ps, i)
         for opt in (a, b, c, d):
@@ -299,8 +299,7 @@ def test_checkpoints_interchange_both_ways(cls, kw):
 
 @needs_triton
 @pytest.mark.parametrize("cls,kw,dtype", [(kaon.Adakaon, ADAKAON[2], torch.bfloat16),
-                                            (kaon.Adakaon, ADAKAON[3], torch.float32),
-                                            (kaon.Lion, LION[3], torch.bfloat16),
+                                            (kaon.Lion, LION[3], torch.float32),
                                             (kaon.AdaPNM, ADAPNM[1], torch.bfloat16),
                                             (kaon.Nekaon, NEKAON[0], torch.bfloat16)])
 def test_fused_resume_is_bit_identical(cls, kw, dtype):
