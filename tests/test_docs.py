@@ -5,7 +5,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path, monkeypatch):
+    """Doc examples save checkpoints (``opt.pt``): run them in a scratch directory."""
+    monkeypatch.chdir(tmp_path)
 
 
 def test_architecture_example_runs_and_trains():

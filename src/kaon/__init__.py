@@ -16,9 +16,11 @@ from kaon.optim import (
     ScheduleFreeAdamW,
 )
 from kaon.optimizer import KaonOptimizer
+from kaon.release import prepare_for_gradient_release, remove_gradient_release
 
 __all__ = [
     "AdaMuon", "AdaPNM", "Adakaon", "AdamW", "Batch", "KProdigy", "KaonOptimizer", "Lion", "Muon",
     "Nekaon", "OAdamW", "ScheduleFreeAdamW", "Slot", "__version__", "build_optimizer",
     "create_optimizer", "describe_groups",
+    "prepare_for_gradient_release", "remove_gradient_release",
 ]

@@ -222,10 +222,19 @@ class KaonOptimizer(torch.optim.Optimizer):
         engine.run_group(self, group, [p])
 
     def step_parameter(self, p: Tensor, group: dict[str, Any], i: int) -> None:
-        """``step_param`` with the parameter's index ``i`` in its group (diffusers/kohya form)."""
+        """``step_param`` with the parameter's index ``i`` in its group (OneTrainer's form)."""
         if not (0 <= i < len(group["params"])) or group["params"][i] is not p:
             raise ValueError(f"step_parameter: index {i} does not hold this parameter in the group")
         self.step_param(p, group)
+
+    def gradient_release_blocker(self) -> str | None:
+        """Why the optimizer cannot step one parameter at a time now, or ``None`` if it can.
+
+        :func:`kaon.prepare_for_gradient_release` refuses an optimizer whose blocker is not
+        ``None``. An optimizer that needs a reduction over every gradient before any update
+        (KProdigy's D estimate) returns a message; the default is ``None``.
+        """
+        return None
 
     def train(self, mode: bool = True) -> KaonOptimizer:
         """Switch to training mode; a no-op unless an optimizer keeps a training view."""

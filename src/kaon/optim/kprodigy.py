@@ -235,13 +235,17 @@ class KProdigy(KaonOptimizer):
             return len(self.param_groups) > 1
         return self.independent_d
 
-    def step_param(self, p: Tensor, group: dict[str, Any]) -> None:
-        """Not supported: see the class docstring."""
-        raise RuntimeError(
+    def gradient_release_blocker(self) -> str:
+        """KProdigy never steps one parameter at a time: see :meth:`step_param`."""
+        return (
             "KProdigy cannot step one parameter at a time (gradient release / step_param / "
             "step_parameter): its D estimate is a reduction over every parameter that must be "
             "complete before any parameter is updated. Call optimizer.step() after backward."
         )
+
+    def step_param(self, p: Tensor, group: dict[str, Any]) -> None:
+        """Not supported: see the class docstring."""
+        raise RuntimeError(self.gradient_release_blocker())
 
     def step_parameter(self, p: Tensor, group: dict[str, Any], i: int) -> None:
         """Not supported: see :meth:`step_param`."""

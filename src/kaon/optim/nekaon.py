@@ -129,9 +129,11 @@ class Nekaon(Adakaon):
             check_all({"low_vram_above": integer(0)}, {"low_vram_above": low_vram_above}, owner)
             params = _split_low_vram(owner, params, low_vram_above, lr * low_vram_lr_ratio,
                                      betas)
-        self._training = True
-        # eval mode: per parameter (climb record, fix-up indices, fix-up values)
-        self._eval_stash: dict[Tensor, tuple[Tensor, Tensor, Tensor]] = {}
+        # the mode and the eval-mode stash live in one shared dict, so a wrapper that delegates
+        # attribute reads to this optimizer (Lightning's LightningOptimizer subclasses the
+        # optimizer's class and forwards unknown attributes) switches this optimizer's mode
+        # when its train() / eval() run, instead of setting attributes on itself
+        self._mode: dict[str, Any] = {"training": True, "stash": {}}
         super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay,
                          momentum_dtype=momentum_dtype, **adakaon_kwargs)
         self.low_vram_above = low_vram_above
@@ -195,6 +197,23 @@ class Nekaon(Adakaon):
     def training(self) -> bool:
         """Whether the optimizer is in train mode (the weights carry the displacement)."""
         return self._training
+
+    @property
+    def _training(self) -> bool:
+        return self._mode["training"]
+
+    @_training.setter
+    def _training(self, value: bool) -> None:
+        self._mode["training"] = value
+
+    @property
+    def _eval_stash(self) -> dict[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """Eval mode: per parameter (climb record, fix-up indices, fix-up values)."""
+        return self._mode["stash"]
+
+    @_eval_stash.setter
+    def _eval_stash(self, value: dict[Tensor, tuple[Tensor, Tensor, Tensor]]) -> None:
+        self._mode["stash"] = value
 
     @torch.no_grad()
     def displacement(self, p: Tensor) -> Tensor:
