@@ -309,3 +309,20 @@ OPTIMIZERS += [
           {"momentum_dtype": "float32", "weight_decay": 0.0, "cautious": False}, lookahead=True),
     Entry("Nekaon-kahan", kaon.Nekaon, {"bf16_method": "kahan"}, lookahead=True),
 ]
+
+# kaon's Triton kernels (kaon.kernels) keep the whole contract too. The suite's model lives on
+# the CPU, so these entries run the kernels under Triton's interpreter, on request only
+# (KAON_CONFORMANCE_FUSED=1 TRITON_INTERPRET=1: about 3 CPU minutes, too slow for CI, which
+# runs tests/test_kernels.py instead). Without Triton they are left out.
+import os as _os  # noqa: E402
+
+from kaon import kernels as _kernels  # noqa: E402
+
+if (_os.environ.get("KAON_CONFORMANCE_FUSED") == "1" and _kernels.interpreter()
+        and _kernels.triton_available()):
+    OPTIMIZERS += [
+        Entry("Adakaon-fused-int8", kaon.Adakaon, {"momentum_dtype": "int8", "fused": True}),
+        Entry("Lion-fused-4bit-wd", kaon.Lion,
+              {"momentum_dtype": "4bit", "momentum_4bit_block": 64, "weight_decay": 0.1,
+               "fused": True}, train_lr=3e-3),
+    ]

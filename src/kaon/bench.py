@@ -8,6 +8,15 @@ untimed steps, then ``steps`` steps each timed with ``time.perf_counter`` (after
 ``torch.optim.AdamW(foreach=True)`` measured in the same run. ``torch.optim.AdamW(fused=True)``
 is measured too when torch supports it for the device and dtype.
 
+Every row also reports the bytes a step must move (each parameter read and written, each
+gradient read, each state tensor read and written: ``2 P + G + 2 S``) and, on CUDA, the
+bandwidth that implies at the median step time as a fraction of the device's peak memory
+bandwidth (from its memory clock and bus width, a table of known devices, or ``peak_gbps``).
+On CUDA the default rows add kaon's Triton kernels (``fused=True``: Adakaon and Lion with int8
+momentum) and the 8-bit / 4-bit AdamW of bitsandbytes and torchao when they are installed
+(:func:`kernel_configs`; ``kaon bench --kernels`` adds them on any device, where rows that
+cannot run there are skipped with a note).
+
 Suites (see :func:`suite_shapes`):
 
 ``llm``
@@ -60,6 +69,9 @@ __all__ = [
     "check_configs",
     "default_configs",
     "format_table",
+    "kernel_configs",
+    "peak_bandwidth",
+    "step_bytes",
     "lora_shapes_for",
     "loop_speedup",
     "optimizer_state_bytes",
@@ -130,6 +142,9 @@ class Row:
     dtype: str
     threads: int
     torch: str
+    moved_bytes: int = 0
+    achieved_gbps: float = 0.0
+    bandwidth_fraction: float | None = None
 
 
 # ------------------------------------------------------------------------------------ suites
@@ -312,6 +327,47 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# peak memory bandwidth (GB/s) of common devices, for when the properties lack the memory clock
+_PEAK_GBPS = {
+    "H200": 4800.0, "H100 SXM": 3350.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0,
+    "H100 NVL": 3900.0, "A100-SXM4-80GB": 2039.0, "A100 80GB PCIe": 1935.0,
+    "A100-SXM4-40GB": 1555.0, "A100-PCIE-40GB": 1555.0, "L40S": 864.0, "L4": 300.0,
+    "RTX 4090": 1008.0, "RTX 4080": 716.8, "RTX 3090": 936.0, "A10G": 600.0, "T4": 320.0,
+}
+
+
+def peak_bandwidth(device: torch.device) -> float | None:
+    """Peak memory bandwidth of a CUDA device in bytes/s (None on CPU or when unknown).
+
+    From the device properties (``2 x memory clock x bus width``, double data rate) when torch
+    reports them, else from a table of device names.
+    """
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    clock_khz = getattr(props, "memory_clock_rate", 0) or 0
+    bus_bits = getattr(props, "memory_bus_width", 0) or 0
+    if clock_khz and bus_bits:
+        return 2.0 * clock_khz * 1e3 * bus_bits / 8.0
+    name = props.name
+    for key, gbps in sorted(_PEAK_GBPS.items(), key=lambda kv: -len(kv[0])):
+        if key in name:
+            return gbps * 1e9
+    return None
+
+
+def step_bytes(params: Sequence[torch.Tensor], state_bytes: int) -> int:
+    """The bytes one step must move: every parameter read and written, every gradient read,
+    every state tensor read and written (``2 P + G + 2 S``). A kernel that reads something twice
+    moves more; this is the floor the bandwidth fraction is measured against."""
+    total = 2 * state_bytes
+    for p in params:
+        total += 2 * p.numel() * p.element_size()
+        if p.grad is not None:
+            total += p.grad.numel() * p.grad.element_size()
+    return total
+
+
 def _make_params(shapes: Sequence[Shape], device: torch.device, dtype: torch.dtype,
                  seed: int) -> list[torch.nn.Parameter]:
     generator = torch.Generator().manual_seed(seed)
@@ -357,7 +413,7 @@ def _measure(config: Config, params: list[torch.nn.Parameter], steps: int, warmu
 def run_suite(suite: str, shapes: Sequence[Shape], configs: Sequence[Config], *,
               steps: int = 20, warmup: int = 5, device: str | torch.device = "cpu",
               dtype: torch.dtype = torch.float32, seed: int = 0,
-              notes: list[str] | None = None) -> list[Row]:
+              notes: list[str] | None = None, peak_gbps: float | None = None) -> list[Row]:
     """Measure every configuration on the same parameters and gradients.
 
     Each configuration starts from the same parameter values. Ratios are against the
@@ -379,7 +435,7 @@ def run_suite(suite: str, shapes: Sequence[Shape], configs: Sequence[Config], *,
                 p.copy_(start)
         try:
             times, state, scratch = _measure(config, params, steps, warmup, device)
-        except (RuntimeError, TypeError, ValueError) as error:
+        except (RuntimeError, TypeError, ValueError, ImportError, NotImplementedError) as error:
             if not config.optional:
                 raise
             if notes is not None:
@@ -394,6 +450,12 @@ def run_suite(suite: str, shapes: Sequence[Shape], configs: Sequence[Config], *,
             dtype=str(dtype).removeprefix("torch."), threads=torch.get_num_threads(),
             torch=torch.__version__,
         ))
+        row = rows[-1]
+        row.moved_bytes = step_bytes(params, state)
+        row.achieved_gbps = row.moved_bytes / (row.median_ms * 1e-3) / 1e9
+        peak = peak_gbps * 1e9 if peak_gbps else peak_bandwidth(device)
+        if peak:
+            row.bandwidth_fraction = row.achieved_gbps * 1e9 / peak
     baseline = next((r.median_ms for r in rows if r.label == BASELINE), None)
     for row in rows:
         row.ratio_vs_adamw = row.median_ms / baseline if baseline else None
@@ -409,8 +471,33 @@ def baseline_configs() -> list[Config]:
     ]
 
 
-def default_configs(suite: str) -> list[Config]:
-    """The baselines and Adakaon's memory dial; the ``lora`` suite adds the per-parameter loop."""
+def kernel_configs() -> list[Config]:
+    """kaon's Triton kernels against the quantized AdamWs of bitsandbytes and torchao.
+
+    Optional rows: a fused row without CUDA or Triton, or a peer that is not installed (or does
+    not run on the device), is skipped with a note. ``Lion int8`` is the reference path of the
+    fused Lion row; ``kaon AdamW int8`` runs kaon's AdamW kernel on CUDA with Triton (its
+    reference rule elsewhere), the counterpart of the 8-bit peers.
+    """
+    return [
+        Config("Adakaon int8 fused", "Adakaon", {"lr": LR, "momentum_dtype": "int8",
+                                                 "fused": True}, optional=True),
+        Config("Adakaon 4bit fused", "Adakaon", {"lr": LR, "momentum_dtype": "4bit",
+                                                 "fused": True}, optional=True),
+        Config("Lion int8 fused", "Lion", {"lr": LR, "momentum_dtype": "int8", "fused": True},
+               optional=True),
+        Config("Lion int8", "Lion", {"lr": LR, "momentum_dtype": "int8", "fused": False}),
+        Config("kaon AdamW int8", "AdamW", {"lr": LR, "state_dtype": "int8"}),
+        Config("bitsandbytes AdamW8bit", "bitsandbytes.optim.AdamW8bit", {"lr": LR},
+               optional=True),
+        Config("torchao AdamW8bit", "torchao.optim.AdamW8bit", {"lr": LR}, optional=True),
+        Config("torchao AdamW4bit", "torchao.optim.AdamW4bit", {"lr": LR}, optional=True),
+    ]
+
+
+def default_configs(suite: str, device: torch.device | str | None = None) -> list[Config]:
+    """The baselines and Adakaon's memory dial; the ``lora`` suite adds the per-parameter loop;
+    on CUDA the kernel rows (:func:`kernel_configs`) follow."""
     configs = baseline_configs() + [
         Config("Adakaon no momentum (beta1=0)", "Adakaon", {"lr": LR, "betas": (0.0, 0.999)}),
         Config("Adakaon 4bit", "Adakaon", {"lr": LR, "momentum_dtype": "4bit"}),
@@ -420,6 +507,8 @@ def default_configs(suite: str) -> list[Config]:
     if suite == "lora":
         configs.append(Config(LOOP, "Adakaon",
                               {"lr": LR, "momentum_dtype": "int8", "foreach": False}))
+    if device is not None and torch.device(device).type == "cuda":
+        configs += kernel_configs()
     return configs
 
 
@@ -439,16 +528,19 @@ def parse_config(text: str) -> Config:
 def format_table(rows: Sequence[Row], notes: Sequence[str] = ()) -> str:
     """A plain-text table of one suite's rows, followed by ``notes``."""
     columns = ("config", "params", "state B/param", "scratch MiB", "median step ms",
-               "vs AdamW foreach")
+               "vs AdamW foreach", "MB moved", "GB/s", "of peak")
     width = max([len(columns[0]), *(len(r.label) for r in rows)])
     header = (f"{columns[0]:<{width}s}  {columns[1]:>12s}  {columns[2]:>13s}  "
-              f"{columns[3]:>11s}  {columns[4]:>14s}  {columns[5]:>16s}")
+              f"{columns[3]:>11s}  {columns[4]:>14s}  {columns[5]:>16s}  {columns[6]:>9s}  "
+              f"{columns[7]:>8s}  {columns[8]:>7s}")
     lines = [header, "-" * len(header)]
     for row in rows:
         ratio = f"{row.ratio_vs_adamw:.2f}x" if row.ratio_vs_adamw is not None else "-"
+        peak = f"{row.bandwidth_fraction:.0%}" if row.bandwidth_fraction is not None else "-"
         lines.append(
             f"{row.label:<{width}s}  {row.params:>12,d}  {row.state_bytes_per_param:>13.3f}  "
-            f"{row.scratch_bytes / 2**20:>11.1f}  {row.median_ms:>14.2f}  {ratio:>16s}"
+            f"{row.scratch_bytes / 2**20:>11.1f}  {row.median_ms:>14.2f}  {ratio:>16s}  "
+            f"{row.moved_bytes / 1e6:>9.1f}  {row.achieved_gbps:>8.1f}  {peak:>7s}"
         )
     lines += list(notes)
     return "\n".join(lines)
@@ -490,11 +582,13 @@ def machine_description(device: torch.device) -> str:
 def run(suites: Sequence[str], *, configs: Sequence[Config] | None = None, quick: bool = False,
         steps: int = 20, warmup: int = 5, device: str | None = None, dtype: str = "float32",
         prefix: str = "", lora_rank: int | None = None, seed: int = 0,
+        kernels: bool = False, peak_gbps: float | None = None,
         out: Callable[[str], None] = print) -> list[Row]:
     """Run ``suites``, print a table per suite through ``out`` and return every row.
 
     ``configs=None`` runs :func:`default_configs`; given configurations run after the two AdamW
-    baselines. ``device=None`` is CUDA when available, else CPU.
+    baselines. ``kernels`` adds :func:`kernel_configs` (the default on CUDA). ``device=None`` is
+    CUDA when available, else CPU. ``peak_gbps`` overrides the device's peak bandwidth.
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; got {dtype!r}")
@@ -512,10 +606,13 @@ def run(suites: Sequence[str], *, configs: Sequence[Config] | None = None, quick
         f"lr {LR:g}")
     all_rows: list[Row] = []
     for suite, shapes in plan:
-        chosen = baseline_configs() + list(configs) if configs else default_configs(suite)
+        chosen = (baseline_configs() + list(configs) if configs
+                  else default_configs(suite, target))
+        if kernels and not any(c.label == kernel_configs()[0].label for c in chosen):
+            chosen += kernel_configs()
         notes: list[str] = []
         rows = run_suite(suite, shapes, chosen, steps=steps, warmup=warmup, device=target,
-                         dtype=_DTYPES[dtype], seed=seed, notes=notes)
+                         dtype=_DTYPES[dtype], seed=seed, notes=notes, peak_gbps=peak_gbps)
         count = sum(math.prod(s) for s in shapes)
         out(f"\n[{suite}] {len(shapes):,d} tensors, {count:,d} parameters")
         out(format_table(rows, notes))
@@ -523,6 +620,8 @@ def run(suites: Sequence[str], *, configs: Sequence[Config] | None = None, quick
         if speedup is not None:
             out(f"batched vs per-parameter loop: {speedup:.1f}x faster")
         all_rows += rows
+    out("\nMB moved: the bytes a step must move (2 x parameters + gradients + 2 x state); GB/s "
+        "and of peak: that traffic at the median step time.")
     if any(r.scratch_bytes for r in all_rows):
         out("\nscratch MiB: kaon's reusable CPU work buffers, kept between steps; not optimizer "
             "state (release_workspace() frees them).")

@@ -28,6 +28,7 @@ examples:
   kaon bench --config "Adakaon:momentum_dtype=int8,betas=(0.9,0.99)" --config AdamW
   kaon bench --safetensors model.safetensors --filter model.diffusion_model. --lora-rank 16
   kaon bench --suite safetensors:model.safetensors --json rows.json
+  kaon bench --device cuda --dtype bfloat16     # adds kaon's Triton kernels and 8/4-bit peers
 """
 
 
@@ -98,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="parameter and gradient dtype (default float32)")
     b.add_argument("--seed", type=int, default=0, help="seed of parameters and gradients")
+    b.add_argument("--kernels", action="store_true",
+                   help="add kaon's Triton kernels (fused=True) and the 8/4-bit AdamWs of "
+                   "bitsandbytes and torchao (the default on cuda); rows that cannot run on the "
+                   "device are skipped with a note")
+    b.add_argument("--peak-gbps", type=float, metavar="GBPS",
+                   help="the device's peak memory bandwidth in GB/s (default: from the device)")
     b.add_argument("--quick", action="store_true",
                    help="smaller llm and sdxl suites (lora keeps its 1,434 tensors) and fewer "
                    "steps: well under a minute on a 2-core CPU")
@@ -199,7 +206,8 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         configs = [bench.parse_config(c) for c in args.config] if args.config else None
         rows = bench.run(suites, configs=configs, quick=args.quick, steps=steps, warmup=warmup,
                          device=args.device, dtype=args.dtype, prefix=args.filter,
-                         lora_rank=args.lora_rank, seed=args.seed)
+                         lora_rank=args.lora_rank, seed=args.seed, kernels=args.kernels,
+                         peak_gbps=args.peak_gbps)
         if args.json:
             bench.write_json(rows, args.json)
     except (ValueError, TypeError, OSError) as error:

@@ -38,7 +38,8 @@ from kaon.state.codecs import Codec, FloatCodec
 if TYPE_CHECKING:
     from kaon.optimizer import KaonOptimizer
 
-__all__ = ["Slot", "Batch", "Workspace", "run_group", "stack_budget", "effective_cutoff"]
+__all__ = ["Slot", "Batch", "Workspace", "run_group", "stack_budget", "effective_cutoff",
+           "chunk_state"]
 
 SHIFT = "shift"
 _MAX_PLANS_PER_GROUP = 8
@@ -189,6 +190,8 @@ class _Chunk:
     slots: tuple[Slot, ...]
     packed: dict[str, Tensor] | None = None  # batched state: one [N, ...] tensor per key
     members: dict[str, list[Tensor]] | None = None  # the views of ``packed`` held in the state
+    # a fused kernel's per-chunk data (pointer tables, eligibility); dropped with the plan
+    kernel_cache: dict[str, Any] = field(default_factory=dict)
     # every parameter has the first one's shape: no per-tensor reshapes (derived)
     same_shape: bool = field(init=False, default=False)
 
@@ -366,9 +369,23 @@ def run_group(opt: KaonOptimizer, group: dict, params: list[Tensor], *,
     # the state exists and matches the layout now: an optimizer may run a fused kernel instead
     if opt.fused_step(group, params):
         return []
+    # a chunk kernel (kaon.kernels) runs the rule on the chunk's own state, or declines it
+    kernel = getattr(opt, "_kernel", None)
     for chunk in chunks:
+        if kernel is not None and kernel.run(opt, group, chunk):
+            continue
         _run_chunk(opt, group, chunk)
     return []
+
+
+def chunk_state(opt: KaonOptimizer, chunk: _Chunk) -> dict[str, Tensor]:
+    """The stored state of a chunk by state key, as ``[N, ...]`` tensors whose slices are the
+    tensors in ``opt.state`` (a chunk of one: views of them; a batched chunk: its packed
+    buffers). Writing into them writes the state. For fused kernels (:mod:`kaon.kernels`)."""
+    states = [opt.state[p] for p in chunk.params]
+    if len(chunk.params) == 1:
+        return {key: states[0][key].unsqueeze(0) for key in chunk.state_keys()}
+    return _packed_state(opt, chunk, states)
 
 
 def gather(workspace: Workspace, name: str, tensors: list[Tensor], view: tuple[int, ...],

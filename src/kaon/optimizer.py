@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from kaon import distributed, engine
+from kaon import distributed, engine, kernels
 from kaon.engine import Batch, Slot
 from kaon.validation import Check, check_all, choice, integer
 
@@ -51,6 +51,13 @@ class KaonOptimizer(torch.optim.Optimizer):
     seed (int | None, default None)
         Seed of the stochastic-rounding random stream; ``None`` takes ``torch.initial_seed()``.
         The stream's state is saved in ``state_dict()``.
+    fused (bool | None, default None)
+        Run the rule with kaon's Triton kernel where one is registered for the optimizer
+        (:mod:`kaon.kernels`; Adakaon, Nekaon, Lion, AdaPNM, AdamW). ``None``: automatically when CUDA and Triton
+        are present; ``True``: always (``RuntimeError`` without Triton or without a CUDA device,
+        unless ``TRITON_INTERPRET=1``; ``ValueError`` when the optimizer has no kernel);
+        ``False``: never. A chunk the kernel cannot run exactly (Kahan or fp16 weights,
+        non-contiguous tensors, a CPU tensor) runs the reference rule. Same state format.
     """
 
     #: per-hyperparameter checks, run on the defaults and on every added group
@@ -70,6 +77,7 @@ class KaonOptimizer(torch.optim.Optimizer):
         foreach_stack_budget: int | None = None,
         nonfinite_grad: str = "skip",
         seed: int | None = None,
+        fused: bool | None = None,
     ) -> None:
         owner = type(self).__name__
         if not isinstance(foreach, bool):
@@ -97,6 +105,8 @@ class KaonOptimizer(torch.optim.Optimizer):
         self._generators: dict[torch.device, torch.Generator] = {}
         self._plans: dict[Any, Any] = {}
         self._workspace = engine.Workspace()
+        self._fused = fused
+        self._kernel = kernels.resolve(self, fused)  # raises before anything is stored
         super().__init__(params, defaults)
 
     # ---------------------------------------------------------------- what a subclass supplies
@@ -166,6 +176,8 @@ class KaonOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("foreach_stack_budget", None)
         self.__dict__.setdefault("nonfinite_grad", "skip")
         self.__dict__.setdefault("seed", 0)
+        self.__dict__.setdefault("_fused", None)
+        self.__dict__.setdefault("_kernel", None)
         self._plans = {}
         self._workspace = engine.Workspace()
         self._generators = {}

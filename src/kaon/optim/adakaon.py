@@ -61,6 +61,8 @@ class Adakaon(KaonOptimizer):
             "none" for bf16/fp16 parameters.
         foreach, foreach_batch_cutoff, foreach_stack_budget, nonfinite_grad, seed: see
             :class:`kaon.optimizer.KaonOptimizer`.
+        fused (bool | None, default None): run kaon's Triton kernel (docs/kernels.md);
+            None: when CUDA and Triton are present. Same state and checkpoints either way.
 
     State per parameter (the checkpoint format): ``row`` fp32 ``[R]`` and ``col`` fp32 ``[C]``
     for ndim >= 2, else ``v`` fp32 shaped like the parameter; with beta1 > 0 the momentum ``m``
@@ -108,6 +110,7 @@ class Adakaon(KaonOptimizer):
         foreach_stack_budget: int | None = None,
         nonfinite_grad: str = "skip",
         seed: int | None = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
@@ -118,6 +121,7 @@ class Adakaon(KaonOptimizer):
         super().__init__(
             params, defaults, foreach=foreach, foreach_batch_cutoff=foreach_batch_cutoff,
             foreach_stack_budget=foreach_stack_budget, nonfinite_grad=nonfinite_grad, seed=seed,
+            fused=fused,
         )
 
     def view_shape(self, p: Tensor, group: dict[str, Any]) -> tuple[int, ...]:

@@ -187,9 +187,11 @@ class AdamW(KaonOptimizer):
             (None = True).
         fused (bool or None, default None): None: torch's fused kernel whenever it computes
             exactly this step (float32 state, fp32 parameters and gradients, a device torch has
-            the kernel for, all gradients finite under ``nonfinite_grad="skip"``), else the
-            engine; True: the same, but raise ``RuntimeError`` at ``step()`` when a setting rules
-            the kernel out; False: never.
+            the kernel for, all gradients finite under ``nonfinite_grad="skip"``), else kaon's
+            Triton kernel when CUDA and Triton are present (quantized state, bf16 weights; see
+            docs/kernels.md), else the engine; True: the same, but raise ``RuntimeError`` at
+            ``step()`` when a setting rules torch's kernel out and kaon's is not available;
+            False: neither.
         capturable, differentiable (bool, default False): accepted for torch compatibility;
             True raises ``ValueError`` (not supported).
         state_dtype (str or pair, default "float32"): storage of the moments: "float32",
@@ -262,6 +264,9 @@ class AdamW(KaonOptimizer):
             params, defaults, foreach=True if foreach is None else foreach,
             foreach_batch_cutoff=foreach_batch_cutoff, foreach_stack_budget=foreach_stack_budget,
             nonfinite_grad=nonfinite_grad, seed=seed,
+            # kaon's Triton kernel (kaon.kernels) for what torch's kernel cannot run exactly
+            # (quantized state, bf16 weights): automatic on CUDA with Triton, never if False
+            fused=False if fused is False else None,
         )
 
     def state_slots(self, p: Tensor, group: dict[str, Any], view: tuple[int, ...]) -> list[Slot]:
@@ -300,9 +305,9 @@ class AdamW(KaonOptimizer):
             return False
         blocker = self.fused_blocker(group, params)
         if blocker is not None:
-            if group["fused"]:
+            if group["fused"] and self._kernel is None:
                 raise RuntimeError(f"AdamW: fused=True but {blocker}")
-            return False
+            return False  # the engine runs the rule, or kaon's Triton kernel (self._kernel)
         grads = [p.grad for p in params]
         # under "skip", one read of the gradients; a non-finite one sends this step to the
         # engine, which skips exactly the affected parameters

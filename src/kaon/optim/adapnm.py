@@ -77,6 +77,8 @@ class AdaPNM(KaonOptimizer):
             "none" for bf16/fp16 parameters.
         foreach, foreach_batch_cutoff, foreach_stack_budget, nonfinite_grad, seed: see
             :class:`kaon.optimizer.KaonOptimizer`.
+        fused (bool | None, default None): run kaon's Triton kernel (docs/kernels.md);
+            None: when CUDA and Triton are present. Same state and checkpoints either way.
 
     State per parameter (the checkpoint format): ``row`` fp32 ``[R]`` and ``col`` fp32 ``[C]``
     for ndim >= 2, else ``v`` fp32 (plus ``v_max`` with ``ams_bound``); ``m_pos`` and ``m_neg``
@@ -130,6 +132,7 @@ class AdaPNM(KaonOptimizer):
         foreach_stack_budget: int | None = None,
         nonfinite_grad: str = "skip",
         seed: int | None = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, beta0=beta0, eps=eps, weight_decay=weight_decay,
@@ -141,6 +144,7 @@ class AdaPNM(KaonOptimizer):
         super().__init__(
             params, defaults, foreach=foreach, foreach_batch_cutoff=foreach_batch_cutoff,
             foreach_stack_budget=foreach_stack_budget, nonfinite_grad=nonfinite_grad, seed=seed,
+            fused=fused,
         )
 
     def view_shape(self, p: Tensor, group: dict[str, Any]) -> tuple[int, ...]:

@@ -54,6 +54,8 @@ class Lion(KaonOptimizer):
             "none" for bf16/fp16 parameters.
         foreach, foreach_batch_cutoff, foreach_stack_budget, nonfinite_grad, seed: see
             :class:`kaon.optimizer.KaonOptimizer`.
+        fused (bool | None, default None): run kaon's Triton kernel (docs/kernels.md);
+            None: when CUDA and Triton are present. Same state and checkpoints either way.
 
     State per parameter (the checkpoint format): ``m`` (``m`` + ``m_scale`` for int8/4bit),
     shaped like the matrix view, when ``beta1 > 0``; ``shift`` (parameter dtype) with
@@ -95,6 +97,7 @@ class Lion(KaonOptimizer):
         foreach_stack_budget: int | None = None,
         nonfinite_grad: str = "skip",
         seed: int | None = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
@@ -105,6 +108,7 @@ class Lion(KaonOptimizer):
         super().__init__(
             params, defaults, foreach=foreach, foreach_batch_cutoff=foreach_batch_cutoff,
             foreach_stack_budget=foreach_stack_budget, nonfinite_grad=nonfinite_grad, seed=seed,
+            fused=fused,
         )
 
     def view_shape(self, p: Tensor, group: dict[str, Any]) -> tuple[int, ...]:
