@@ -26,6 +26,8 @@ case "$PHASE" in all|tests|bench) ;; *) echo "usage: $0 [all|tests|bench] [OUTDI
 OUTDIR="${2:-${OUT:-benchmarks/gpu-out}}"
 mkdir -p "$OUTDIR"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+# the validation run also exercises the automatic choice (fused=None picks the kernels)
+export KAON_FUSED_AUTO=1
 PY="${PYTHON:-python3}"
 STEPS="${STEPS:-20}"
 WARMUP="${WARMUP:-5}"

@@ -193,6 +193,19 @@ def test_automatic_choice_does_not_import_triton_without_cuda(monkeypatch):
     assert kaon.Adakaon([torch.zeros(2, requires_grad=True)])._kernel is None
 
 
+def test_automatic_choice_waits_for_gpu_validation(monkeypatch):
+    """fused=None keeps the reference rule until KAON_FUSED_AUTO=1 (kernels not yet GPU-run)."""
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    p = [torch.zeros(3, requires_grad=True)]
+    monkeypatch.delenv("KAON_FUSED_AUTO", raising=False)
+    assert kaon.Adakaon(p)._kernel is None and kaon.Lion(p, fused=None)._kernel is None
+    monkeypatch.setenv("KAON_FUSED_AUTO", "1")
+    assert kaon.Adakaon(p)._kernel is kernels.kernel_for(kaon.Adakaon)
+    assert kaon.Lion(p, fused=None)._kernel is kernels.kernel_for(kaon.Lion)
+    assert kaon.Lion(p, fused=False)._kernel is None
+
+
 # ------------------------------------------------------------------ parity under the interpreter
 @needs_triton
 @pytest.mark.parametrize("cls,kw", CASES)

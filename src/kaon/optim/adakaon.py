@@ -62,7 +62,8 @@ class Adakaon(KaonOptimizer):
         foreach, foreach_batch_cutoff, foreach_stack_budget, nonfinite_grad, seed: see
             :class:`kaon.optimizer.KaonOptimizer`.
         fused (bool | None, default None): run kaon's Triton kernel (docs/kernels.md);
-            None: when CUDA and Triton are present. Same state and checkpoints either way.
+            None: automatic (in this release the reference rule unless KAON_FUSED_AUTO=1;
+            see docs/kernels.md). Same state and checkpoints either way.
 
     State per parameter (the checkpoint format): ``row`` fp32 ``[R]`` and ``col`` fp32 ``[C]``
     for ndim >= 2, else ``v`` fp32 shaped like the parameter; with beta1 > 0 the momentum ``m``

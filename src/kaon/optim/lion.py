@@ -55,7 +55,8 @@ class Lion(KaonOptimizer):
         foreach, foreach_batch_cutoff, foreach_stack_budget, nonfinite_grad, seed: see
             :class:`kaon.optimizer.KaonOptimizer`.
         fused (bool | None, default None): run kaon's Triton kernel (docs/kernels.md);
-            None: when CUDA and Triton are present. Same state and checkpoints either way.
+            None: automatic (in this release the reference rule unless KAON_FUSED_AUTO=1;
+            see docs/kernels.md). Same state and checkpoints either way.
 
     State per parameter (the checkpoint format): ``m`` (``m`` + ``m_scale`` for int8/4bit),
     shaped like the matrix view, when ``beta1 > 0``; ``shift`` (parameter dtype) with
