@@ -222,6 +222,10 @@ def check_dcp(entry, rank, dtype, path):
     if rank == 0:
         torch.save(whole, os.path.join(path, "whole.pt"))
     model2, opt2, ref_model2, _ = built(entry, dtype, seed_model=1, reference=False)
+    if getattr(opt, "is_frozen", lambda: False)():
+        # DCP loads into the layout of the new optimizer: a frozen Autokaon checkpoint is
+        # loaded into a frozen Autokaon (docs/checkpointing.md); the saved rate overwrites it
+        opt2.freeze()
     target = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2)}
     dcp.load(target, checkpoint_id=path)
     set_model_state_dict(model2, target["model"])

@@ -251,6 +251,10 @@ class Autokaon(Adakaon):
         if self._tuner["frozen"]:
             return super().step(closure)
         loss, work = self._begin_step(closure)
+        if not any(params for _, params in work):
+            # no gradient at all, or the lr-0 priming step of torch.distributed.checkpoint
+            # (which only created the state): the tuner does not count it
+            return loss
         tuner = self._tuner
         active = [(g, params) for g, params in work
                   if g["lr"] > 0 and any(p.numel() for p in params)]
@@ -328,12 +332,21 @@ class Autokaon(Adakaon):
         """Adakaon's state dict plus the tuner's scalars under the key ``"autokaon"``."""
         state = super().state_dict()
         state[_CHECKPOINT_KEY] = dict(self._tuner)
+        if state["param_groups"]:
+            # torch.distributed.checkpoint keeps only "state" and "param_groups": the tuner
+            # rides in the first group too (as the base class's "kaon" entry does)
+            state["param_groups"][0][_CHECKPOINT_KEY] = dict(self._tuner)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a checkpoint (tuning or frozen); the saved tuner scalars are restored."""
         state_dict = dict(state_dict)
         tuner = state_dict.pop(_CHECKPOINT_KEY, None)
+        groups = [dict(g) for g in state_dict.get("param_groups", [])]
+        for group in groups:
+            in_group = group.pop(_CHECKPOINT_KEY, None)
+            tuner = tuner if tuner is not None else in_group
+        state_dict["param_groups"] = groups
         super().load_state_dict(state_dict)
         self._tuner = dict(tuner) if tuner is not None else self._fresh_tuner()
         if self._tuner["frozen"]:
