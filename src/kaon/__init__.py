@@ -4,6 +4,7 @@ from kaon._version import __version__
 from kaon.engine import Batch, Slot
 from kaon.grouping import build_optimizer, create_optimizer, describe_groups
 from kaon.optim import (
+    Adafactor8Bit,
     Adakaon,
     AdaMuon,
     AdamW,
@@ -18,7 +19,7 @@ from kaon.optim import (
 from kaon.optimizer import KaonOptimizer
 
 __all__ = [
-    "AdaMuon", "AdaPNM", "Adakaon", "AdamW", "Batch", "KProdigy", "KaonOptimizer", "Lion", "Muon",
+    "Adafactor8Bit", "AdaMuon", "AdaPNM", "Adakaon", "AdamW", "Batch", "KProdigy", "KaonOptimizer", "Lion", "Muon",
     "Nekaon", "OAdamW", "ScheduleFreeAdamW", "Slot", "__version__", "build_optimizer",
     "create_optimizer", "describe_groups",
 ]
