@@ -56,6 +56,7 @@ __all__ = [
     "SUITES",
     "Config",
     "Row",
+    "adafactor8bit_configs",
     "baseline_configs",
     "check_configs",
     "default_configs",
@@ -416,11 +417,24 @@ def default_configs(suite: str) -> list[Config]:
         Config("Adakaon 4bit", "Adakaon", {"lr": LR, "momentum_dtype": "4bit"}),
         Config(BATCHED, "Adakaon", {"lr": LR, "momentum_dtype": "int8"}),
         Config("Adakaon bfloat16", "Adakaon", {"lr": LR, "momentum_dtype": "bfloat16"}),
+        *adafactor8bit_configs(),
     ]
     if suite == "lora":
         configs.append(Config(LOOP, "Adakaon",
                               {"lr": LR, "momentum_dtype": "int8", "foreach": False}))
     return configs
+
+
+def adafactor8bit_configs() -> list[Config]:
+    """Adafactor8Bit's memory dial: factored log-space 8-bit, no momentum (the lean default);
+    with 4-bit momentum; APOLLO rank 16 with 4-bit momentum."""
+    lean = {"lr": LR, "relative_step": False}
+    return [
+        Config("Adafactor8Bit 8bit factored, no momentum", "Adafactor8Bit", lean),
+        Config("Adafactor8Bit 8bit + 4bit momentum", "Adafactor8Bit", {**lean, "beta1": 0.9}),
+        Config("Adafactor8Bit APOLLO r16 + 4bit momentum", "Adafactor8Bit",
+               {**lean, "beta1": 0.9, "beta2": 0.999, "apollo_rank": 16}),
+    ]
 
 
 def parse_config(text: str) -> Config:

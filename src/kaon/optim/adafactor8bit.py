@@ -337,14 +337,31 @@ class Adafactor8Bit(KaonOptimizer):
         if path == "apollo":
             direction = self._apollo(batch, state, new_state, weight, alpha, correction)
         else:
-            u = self._direction(batch, state, new_state, path, weight, eps1, adam, step)
-            scale = alpha if correction is None else alpha * correction
-            if group["enable_fira_for_adafactor"]:
-                norm = ops.sum_squares(u.reshape(n, -1), dim=-1).sqrt_()
-                factor, new_state["fira_norm"] = lowrank.fira_limiter(
-                    norm, state["fira_norm"], group["fira_margin"])
-                scale = scale * factor
-            direction = u.mul_(_as_tensor(scale, g).view(shape))
+            u, rows, clipped = self._direction(batch, state, new_state, path, weight, eps1,
+                                               adam, step)
+            scale = _as_tensor(alpha, g) if correction is None else alpha * correction
+            d = group["d"]
+            fira = group["enable_fira_for_adafactor"]
+            if (d > 0 and not clipped) or fira:
+                # ||u||^2 of the final direction u * rows, without forming it
+                if rows is None:
+                    norm2 = ops.sum_squares(u.reshape(n, -1), dim=-1)
+                else:
+                    per_row = ops.sum_squares(u, dim=-1, keepdim=True).mul_(rows.square())
+                    norm2 = ops.sum(per_row.reshape(n, -1), dim=-1)
+                norm = norm2.sqrt_()
+                if d > 0 and not clipped:  # the update clip u / max(1, RMS(u) / d)
+                    clip = (norm / (math.sqrt(u[0].numel()) * d)).clamp_min_(1.0)
+                    scale = scale / clip
+                    norm = norm / clip
+                if fira:
+                    factor, new_state["fira_norm"] = lowrank.fira_limiter(
+                        norm, state["fira_norm"], group["fira_margin"])
+                    scale = scale * factor
+            multiplier = scale.view(shape)
+            if rows is not None:
+                multiplier = rows * multiplier
+            direction = u.mul_(multiplier)
 
         decay = group["weight_decay"]
         if decay != 0:
@@ -354,8 +371,14 @@ class Adafactor8Bit(KaonOptimizer):
 
     def _direction(self, batch: Batch, state: dict[str, Tensor], new_state: dict[str, Tensor],
                    path: str, weight: float | Tensor | None, eps1: float, adam: bool,
-                   step: Tensor) -> Tensor:
-        """The clipped update direction u (a tensor this call owns) of the non-APOLLO paths."""
+                   step: Tensor) -> tuple[Tensor, Tensor | None, bool]:
+        """The update direction of the non-APOLLO paths as ``(u, rows, clipped)``.
+
+        The direction is ``u * rows`` (``rows`` ``[N, R, 1]`` or None; the factored path keeps
+        the row factor apart so that the norm, the clip and the step size cost one pass);
+        ``u`` is a tensor this call owns. ``clipped``: the update clip does not apply any more
+        (CAME clipped before its momentum and has no second clip).
+        """
         group, g = batch.group, batch.grad
         beta1, d = group["beta1"], group["d"]
         came = group["beta3"] is not None
@@ -363,16 +386,19 @@ class Adafactor8Bit(KaonOptimizer):
         u = batch.scratch("direction")
         if path == "sgd":
             if beta1 is None:
-                return _clip(u.copy_(g), d)
+                return u.copy_(g), None, False
             m = state["m"].lerp_(g, 1.0 - beta1)
             new_state["m"] = m
-            return _clip(torch.div(m, 1.0 - beta1, out=u), d)
+            return torch.div(m, 1.0 - beta1, out=u), None, False
 
         if path == "factored":
-            squared = torch.mul(g, g, out=u)
+            rows_n, cols_n = g.shape[-2], g.shape[-1]
             row, col = state["row"], state["col"]
-            row.lerp_(ops.mean(squared, dim=-1).add_(eps1), _like(weight, row))
-            col.lerp_(ops.mean(squared, dim=-2).add_(eps1), _like(weight, col))
+            # row and column means of g^2 without a g^2 temporary
+            row_mean = ops.sum_squares(g, dim=-1).div_(cols_n).add_(eps1)
+            col_mean = ops.sum_squares(g, dim=-2).div_(rows_n).add_(eps1)
+            row.lerp_(row_mean, _like(weight, row))
+            col.lerp_(col_mean, _like(weight, col))
             new_state["row"], new_state["col"] = row, col
             r, c = _inverse_sqrt_factors(row, col, eps1, eps_sq)
             if came:
@@ -380,16 +406,17 @@ class Adafactor8Bit(KaonOptimizer):
                 m = state["m"].lerp_(normalized, 1.0 - beta1)
                 residual = torch.sub(normalized, m, out=normalized).square_().add_(
                     group["eps_came"])
-                conf_row = state["conf_row"].lerp_(ops.mean(residual, dim=-1), 1.0 - group["beta3"])
-                conf_col = state["conf_col"].lerp_(ops.mean(residual, dim=-2), 1.0 - group["beta3"])
+                beta3 = group["beta3"]
+                conf_row = state["conf_row"].lerp_(ops.mean(residual, dim=-1), 1.0 - beta3)
+                conf_col = state["conf_col"].lerp_(ops.mean(residual, dim=-2), 1.0 - beta3)
                 new_state.update(m=m, conf_row=conf_row, conf_col=conf_col)
                 sr, sc = _inverse_sqrt_factors(conf_row, conf_col, eps1, eps_sq)
-                return torch.mul(m, sr, out=residual).mul_(sc)  # no second clip, as CAME
+                return torch.mul(m, sc, out=residual), sr, True  # no second clip, as CAME
             source = g
             if beta1 is not None:
                 source = state["m"].lerp_(g, 1.0 - beta1)
                 new_state["m"] = source
-            return _clip(torch.mul(source, r, out=u).mul_(c), d)
+            return torch.mul(source, c, out=u), r, False
 
         # full-rank second moment
         v = state["v"]
@@ -402,13 +429,13 @@ class Adafactor8Bit(KaonOptimizer):
             if beta1 is not None:
                 source = state["m"].lerp_(g, 1.0 - beta1)
                 new_state["m"] = source
-            bc2 = _one_minus_pow(beta2, step).sqrt_() if _correct(group, True) else None
             denom = torch.sqrt(v, out=u)
-            if bc2 is None:
-                denom.add_(eps1)
-            else:
+            if _correct(group, True):
+                bc2 = _one_minus_pow(beta2, step).sqrt_()
                 denom.add_(bc2.view(-1, *([1] * (g.ndim - 1))) * eps1)
-            return _clip(torch.div(source, denom, out=denom), d)
+            else:
+                denom.add_(eps1)
+            return torch.div(source, denom, out=denom), None, False
         v.lerp_(squared.add_(eps1), _like(weight, v))
         new_state["v"] = v
         inv = torch.clamp_min(v, eps_sq, out=u).rsqrt_()
@@ -416,12 +443,13 @@ class Adafactor8Bit(KaonOptimizer):
             normalized = _clip(inv.mul_(g), d)
             m = state["m"].lerp_(normalized, 1.0 - beta1)
             new_state["m"] = m
-            return normalized.copy_(m)  # CAME's non-factored rule: the momentum, no second clip
+            # CAME's non-factored rule: the momentum of the clipped update, no second clip
+            return normalized.copy_(m), None, True
         source = g
         if beta1 is not None:
             source = state["m"].lerp_(g, 1.0 - beta1)
             new_state["m"] = source
-        return _clip(inv.mul_(source), d)
+        return inv.mul_(source), None, False
 
     def _apollo(self, batch: Batch, state: dict[str, Tensor], new_state: dict[str, Tensor],
                 weight: float | Tensor, alpha: float | Tensor,
