@@ -374,12 +374,12 @@ def test_bf16_all_zero_row_gives_no_nan(name):
 
 
 # ------------------------------------------------------------------- no host sync
-class _HostSync(Exception):
+class _HostSyncError(Exception):
     pass
 
 
 def _forbid(*args, **kwargs):
-    raise _HostSync("the update rule read a tensor value on the host")
+    raise _HostSyncError("the update rule read a tensor value on the host")
 
 
 @pytest.mark.parametrize("name", list(EDGE_CONFIGS))
