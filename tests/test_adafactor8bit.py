@@ -400,3 +400,72 @@ def test_the_rule_never_reads_tensor_values_on_the_host(name, monkeypatch):
         p.grad, v.grad = grads(t, [(48, 32), (32,)])
         opt.step()
     assert torch.isfinite(p).all()
+
+
+# ------------------------------------------------------------------ build_param_groups
+class MixedNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(50, 32)
+        self.conv = torch.nn.Conv1d(32, 32, 3, padding=1)
+        self.norm = torch.nn.LayerNorm(32)
+        self.proj = torch.nn.Linear(32, 64)
+        self.small = torch.nn.Linear(64, 8)
+
+    def forward(self, tokens):
+        h = self.embed(tokens).transpose(1, 2)
+        h = self.conv(h).transpose(1, 2)
+        return self.small(torch.relu(self.proj(self.norm(h))))
+
+
+@pytest.mark.parametrize("preset", ["adafactor", "came", "apollo", "adamw"])
+def test_build_param_groups_routes_the_recipe(preset):
+    model = MixedNet()
+    groups = kaon.build_param_groups(model, preset, weight_decay=0.1, embedding_lr=1e-3,
+                                     apollo_rank=16)
+    by_name = {g["name"]: g for g in groups}
+    names = {g["name"]: set(g["param_names"]) for g in groups}
+    assert names["embedding"] == {"embed.weight"}
+    assert names["sensitive"] == {"conv.bias", "norm.weight", "norm.bias", "proj.bias",
+                                  "small.bias"}
+    assert names["conv"] == {"conv.weight"}
+    dense = {"proj.weight", "small.weight"}
+    if preset == "apollo":  # small.weight is 8 x 64: its smaller side is not above the rank
+        assert names["matrix"] == {"proj.weight"} and names["matrix_full"] == {"small.weight"}
+        assert by_name["matrix"]["apollo_rank"] == 16
+    else:
+        assert names["matrix"] == dense
+    sensitive, embedding, conv = by_name["sensitive"], by_name["embedding"], by_name["conv"]
+    assert not sensitive["quantize"] and sensitive["weight_decay"] == 0.0
+    assert sensitive["beta1"] is None
+    assert embedding["factored"] is False and embedding["scale_parameter"] is False
+    assert embedding["d"] == 0.0 and embedding["beta1"] is None and embedding["lr"] == 1e-3
+    assert conv["factored"] is False and conv["quantize"] and conv["weight_decay"] == 0.1
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+    opt = kaon.Adafactor8Bit(groups, lr=1e-3, min_8bit_size=0)
+    tokens = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(25):
+        loss = model(tokens).pow(2).mean()
+        model.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] and all(math.isfinite(x) for x in losses)
+
+
+def test_build_param_groups_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="preset"):
+        kaon.build_param_groups(MixedNet(), "sgdw")
+    with pytest.raises(ValueError, match="weight_decay"):
+        kaon.build_param_groups(MixedNet(), weight_decay=-1.0)
+    with pytest.raises(ValueError, match="apollo_rank"):
+        kaon.build_param_groups(MixedNet(), "apollo", apollo_rank=0)
+
+
+def test_build_param_groups_momentum_free_came_falls_back():
+    groups = kaon.build_param_groups(MixedNet(), "came", beta1=None)
+    assert all("beta3" not in g and g["beta1"] is None for g in groups)
+    kaon.Adafactor8Bit(groups)  # a valid combination

@@ -16,10 +16,11 @@ from kaon.optim import (
     OAdamW,
     ScheduleFreeAdamW,
 )
+from kaon.optim.adafactor8bit import build_param_groups
 from kaon.optimizer import KaonOptimizer
 
 __all__ = [
     "Adafactor8Bit", "AdaMuon", "AdaPNM", "Adakaon", "AdamW", "Batch", "KProdigy", "KaonOptimizer", "Lion", "Muon",
-    "Nekaon", "OAdamW", "ScheduleFreeAdamW", "Slot", "__version__", "build_optimizer",
+    "Nekaon", "OAdamW", "ScheduleFreeAdamW", "Slot", "__version__", "build_optimizer", "build_param_groups",
     "create_optimizer", "describe_groups",
 ]

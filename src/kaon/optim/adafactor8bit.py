@@ -26,7 +26,7 @@ from kaon.state.codecs import (
 )
 from kaon.validation import Check, boolean, check_all, choice, integer, optional, pair, real
 
-__all__ = ["Adafactor8Bit", "APOLLO_SCALE_TYPES"]
+__all__ = ["Adafactor8Bit", "APOLLO_SCALE_TYPES", "PRESETS", "build_param_groups"]
 
 APOLLO_SCALE_TYPES = ("channel", "tensor")
 _TINY = 1.17549435e-38  # smallest normal fp32, 2**-126
@@ -616,3 +616,111 @@ def _clip(u: Tensor, d: float) -> Tensor:
     if d > 0:
         return ops.rms_clip_(u, d)
     return u
+
+
+# ------------------------------------------------------------------------- parameter groups
+#: the settings of each preset for the dense weight groups (2-D and conv kernels)
+PRESETS: dict[str, dict[str, Any]] = {
+    "adafactor": dict(beta1=None, beta2=None, beta2_decay=-0.8, factored=True,
+                      relative_step=False, scale_parameter=True, d=1.0),
+    "came": dict(beta1=0.9, beta2=0.999, beta3=0.9999, factored=True, relative_step=False,
+                 scale_parameter=False, d=1.0, eps_came=1e-16),
+    "apollo": dict(beta1=0.9, beta2=0.999, relative_step=False, scale_parameter=False, d=0.0,
+                   eps=(1e-6, 1e-3), enable_fira_for_apollo=True),
+    "adamw": dict(beta1=0.9, beta2=0.999, factored=False, relative_step=False,
+                  scale_parameter=False, d=0.0, eps=(1e-8, 1e-3)),
+}
+
+
+def build_param_groups(
+    model: torch.nn.Module,
+    preset: str = "adafactor",
+    *,
+    weight_decay: float = 0.0,
+    embedding_lr: float | None = None,
+    apollo_rank: int = 256,
+    beta1: float | None | str = "preset",
+) -> list[dict[str, Any]]:
+    """Parameter groups for :class:`Adafactor8Bit` following the recommended recipe.
+
+    Every trainable parameter lands in exactly one of up to five groups (empty ones are left
+    out), each carrying ``param_names``:
+
+    1. ``sensitive``: 1-D parameters, biases and normalization weights: not quantized, no weight
+       decay, no momentum, the preset's second moment;
+    2. ``embedding``: ``nn.Embedding`` / ``nn.EmbeddingBag`` weights as momentum-free Adam
+       (``factored=False, scale_parameter=False, d=0``, ``beta2=0.999``, bias-corrected, no
+       weight decay), at ``embedding_lr`` when given: per-token updates with no cold-token
+       interference through a shared factor or clip;
+    3. ``matrix``: 2-D weights, quantized, with weight decay; the preset's rule, with the
+       ``apollo`` preset APOLLO at ``apollo_rank`` (matrices whose smaller side is not larger
+       than the rank go to ``matrix_full`` instead);
+    4. ``matrix_full``: such small matrices with the ``apollo`` preset (quantized, factored, no
+       APOLLO);
+    5. ``conv``: weights with more than 2 dimensions, quantized, with weight decay, full-rank
+       second moment (``factored=False``) to keep the spatial structure.
+
+    Presets (:data:`PRESETS`): ``adafactor`` (schedule ``beta2_decay=-0.8``, factored, scaled
+    by RMS(p), no momentum), ``came`` (0.9 / 0.999 / 0.9999, unscaled, clip 1), ``apollo``
+    (0.9 / 0.999, APOLLO with Fira, no clip), ``adamw`` (0.9 / 0.999, full second moment, Adam
+    denominator, unscaled, no clip). ``beta1`` overrides the momentum of the ``matrix`` and
+    ``conv`` groups (None: momentum-free, the smallest state); the default keeps the preset's.
+    Pass the result to ``Adafactor8Bit(groups, lr=...)``; group keys override the constructor's.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(map(repr, PRESETS))}; got {preset!r}")
+    real(0.0)("weight_decay", weight_decay)
+    optional(real(0.0))("embedding_lr", embedding_lr)
+    integer(1)("apollo_rank", apollo_rank)
+    if beta1 != "preset":
+        optional(_UNIT)("beta1", beta1)
+    from kaon.grouping import NORM_TYPES
+
+    base = dict(PRESETS[preset])
+    dense = {**base, "quantize": True, "weight_decay": weight_decay}
+    if beta1 != "preset":
+        dense["beta1"] = beta1
+        if beta1 is None:
+            dense.pop("beta3", None)  # CAME needs momentum
+    sensitive = {k: v for k, v in base.items() if k not in ("beta1", "beta3")}
+    sensitive.update(quantize=False, weight_decay=0.0, beta1=None)
+    if preset == "adamw":
+        sensitive.update(factored=False)
+    embedding = dict(factored=False, scale_parameter=False, d=0.0, beta1=None, beta2=0.999,
+                     relative_step=False, eps=(1e-8, 1e-3), weight_decay=0.0,
+                     bias_correction=True)
+    if embedding_lr is not None:
+        embedding["lr"] = embedding_lr
+    groups: dict[str, dict[str, Any]] = {
+        "sensitive": {**sensitive, "params": [], "param_names": []},
+        "embedding": {**embedding, "params": [], "param_names": []},
+        "matrix": {**dense, "params": [], "param_names": []},
+        "matrix_full": {**dense, "params": [], "param_names": []},
+        "conv": {**dense, "factored": False, "params": [], "param_names": []},
+    }
+    if preset == "apollo":
+        groups["matrix"]["apollo_rank"] = apollo_rank
+        groups["matrix_full"].update(factored=True, beta2=None, beta2_decay=-0.8)
+    groups["conv"].pop("beta3", None)  # CAME needs a factored second moment
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            full = f"{module_name}.{name}" if module_name else name
+            if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+                key = "embedding"
+            elif p.ndim < 2 or isinstance(module, NORM_TYPES) or name == "bias":
+                key = "sensitive"
+            elif p.ndim > 2:
+                key = "conv"
+            elif preset == "apollo" and min(p.shape[0], p.numel() // p.shape[0]) <= apollo_rank:
+                key = "matrix_full"
+            else:
+                key = "matrix"
+            groups[key]["params"].append(p)
+            groups[key]["param_names"].append(full)
+    for key, group in groups.items():
+        group["name"] = key
+    return [g for g in groups.values() if g["params"]]
