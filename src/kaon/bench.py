@@ -411,14 +411,16 @@ def baseline_configs() -> list[Config]:
 
 
 def default_configs(suite: str) -> list[Config]:
-    """The baselines and Adakaon's memory dial; the ``lora`` suite adds the per-parameter loop."""
+    """The baselines and Adakaon's memory dial, then Adafactor8Bit's (not on ``lora``); the
+    ``lora`` suite adds the per-parameter loop."""
     configs = baseline_configs() + [
         Config("Adakaon no momentum (beta1=0)", "Adakaon", {"lr": LR, "betas": (0.0, 0.999)}),
         Config("Adakaon 4bit", "Adakaon", {"lr": LR, "momentum_dtype": "4bit"}),
         Config(BATCHED, "Adakaon", {"lr": LR, "momentum_dtype": "int8"}),
         Config("Adakaon bfloat16", "Adakaon", {"lr": LR, "momentum_dtype": "bfloat16"}),
-        *adafactor8bit_configs(),
     ]
+    if suite != "lora":
+        configs += adafactor8bit_configs()
     if suite == "lora":
         configs.append(Config(LOOP, "Adakaon",
                               {"lr": LR, "momentum_dtype": "int8", "foreach": False}))
