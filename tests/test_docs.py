@@ -128,3 +128,15 @@ def test_recipes_run():
         namespace: dict = {}
         exec(compile(block, "docs/recipes.md", "exec"), namespace)
         assert isinstance(namespace["opt"], kaon.KaonOptimizer)
+
+
+def test_adafactor8bit_page_runs_and_documents_every_argument_and_key():
+    import kaon
+
+    namespace = _run_blocks("adafactor8bit.md")
+    names = [g["name"] for g in namespace["opt"].param_groups]
+    assert names == ["sensitive", "embedding", "matrix"]
+    _documents_every_argument_and_key(
+        "adafactor8bit.md", kaon.Adafactor8Bit,
+        ("step", "row", "col", "v", "m", "conf_row", "conf_col", "apollo_seed", "v_low", "m_low",
+         "row_low", "col_low", "fira_norm", "shift", "_scale", "_offset"))
