@@ -1,4 +1,4 @@
-"""State bytes per parameter of the memory targets of issues 3, 5 and 6.
+"""State bytes per parameter of the memory targets of issues 3, 4, 5 and 6.
 
 Measured on an LLM-like stack ([1024, 1024], [4096, 1024], [1024, 4096] and two 1-D norms)
 after one step; Muon on the three matrices only.
@@ -28,6 +28,14 @@ CONFIGS = [
      {"second_moment": "factored", "momentum_dtype": "4bit", "slice_p": 11}),
     ("KProdigy factored int8 slice_p=11", kaon.KProdigy,
      {"second_moment": "factored", "momentum_dtype": "int8", "slice_p": 11}),
+    # issue 4 targets: <= 0.02, <= 0.56, <= 0.6
+    ("Adafactor8Bit 8bit factored, no momentum", kaon.Adafactor8Bit, {"relative_step": False}),
+    ("Adafactor8Bit 8bit + 4bit momentum", kaon.Adafactor8Bit,
+     {"relative_step": False, "beta1": 0.9}),
+    ("Adafactor8Bit APOLLO r16 + 4bit momentum", kaon.Adafactor8Bit,
+     {"relative_step": False, "beta1": 0.9, "beta2": 0.999, "apollo_rank": 16}),
+    ("Adafactor8Bit CAME 8bit + 4bit momentum", kaon.Adafactor8Bit,
+     {"relative_step": False, "beta1": 0.9, "beta2": 0.999, "beta3": 0.9999}),
 ]
 
 

@@ -326,3 +326,53 @@ if (_os.environ.get("KAON_CONFORMANCE_FUSED") == "1" and _kernels.interpreter()
               {"momentum_dtype": "4bit", "momentum_4bit_block": 64, "weight_decay": 0.1,
                "fused": True}, train_lr=3e-3),
     ]
+
+ADAFACTOR8BIT_BAD_ARGS = [
+    (dict(lr=-1e-2), ValueError, "lr"),
+    (dict(beta1=1.0), ValueError, "beta1"),
+    (dict(beta2=-0.1), ValueError, "beta2"),
+    (dict(beta2_decay=0.5), ValueError, "beta2_decay"),
+    (dict(beta3=0.999), ValueError, "beta3"),  # CAME needs beta1
+    (dict(beta1=0.9, beta3=0.999, factored=False), ValueError, "factored"),
+    (dict(beta1=0.9, beta3=0.999, apollo_rank=4), ValueError, "apollo_rank"),
+    (dict(beta2_decay=None, relative_step=True), ValueError, "relative_step"),  # SGD mode
+    (dict(eps=(1e-30, -1.0)), ValueError, "eps[1]"),
+    (dict(eps=1e-30), TypeError, "eps"),
+    (dict(d=-1.0), ValueError, "d"),
+    (dict(block_size=0), ValueError, "block_size"),
+    (dict(m_block_size=2.5), TypeError, "m_block_size"),
+    (dict(momentum_dtype="fp8"), ValueError, "momentum_dtype"),
+    (dict(apollo_rank=-1), ValueError, "apollo_rank"),
+    (dict(apollo_update_proj_gap=0), ValueError, "apollo_update_proj_gap"),
+    (dict(apollo_scale_type="row"), ValueError, "apollo_scale_type"),
+    (dict(fira_margin=-0.1), ValueError, "fira_margin"),
+    (dict(bias_correction="yes"), TypeError, "bias_correction"),
+    (dict(quantize=1), TypeError, "quantize"),
+    (dict(bf16_method="truncate"), ValueError, "bf16_method"),
+]
+
+OPTIMIZERS += [
+    Entry("Adafactor8Bit", kaon.Adafactor8Bit, {"relative_step": False, "min_8bit_size": 0},
+          train_lr=0.1, bad_args=ADAFACTOR8BIT_BAD_ARGS),
+    Entry("Adafactor8Bit-plain", kaon.Adafactor8Bit, {"quantize": False}, train_lr=0.1),
+    Entry("Adafactor8Bit-4bit-momentum", kaon.Adafactor8Bit,
+          {"beta1": 0.9, "relative_step": False, "min_8bit_size": 0, "m_block_size": 64},
+          train_lr=0.1),
+    Entry("Adafactor8Bit-came", kaon.Adafactor8Bit,
+          {"beta1": 0.9, "beta2": 0.999, "beta3": 0.9999, "relative_step": False,
+           "scale_parameter": False, "min_8bit_size": 0}, train_lr=3e-3),
+    Entry("Adafactor8Bit-apollo-channel", kaon.Adafactor8Bit,
+          {"apollo_rank": 8, "apollo_update_proj_gap": 3, "beta1": 0.9, "beta2": 0.999,
+           "relative_step": False, "scale_parameter": False, "d": 0.0, "min_8bit_size": 0},
+          train_lr=1e-2),
+    Entry("Adafactor8Bit-apollo-tensor-factorize", kaon.Adafactor8Bit,
+          {"apollo_rank": 4, "apollo_scale_type": "tensor", "apollo_factorize": True,
+           "relative_step": False, "min_8bit_size": 0, "bf16_method": "kahan"}, train_lr=0.1),
+    Entry("Adafactor8Bit-fira-adam-int8", kaon.Adafactor8Bit,
+          {"enable_fira_for_adafactor": True, "factored": False, "beta1": 0.9, "beta2": 0.999,
+           "relative_step": False, "scale_parameter": False, "d": 0.0, "min_8bit_size": 0,
+           "momentum_dtype": "int8"}, train_lr=1e-2),
+    Entry("Adafactor8Bit-sgd", kaon.Adafactor8Bit,
+          {"beta1": 0.9, "beta2_decay": None, "relative_step": False, "scale_parameter": False,
+           "min_8bit_size": 0}, train_lr=3e-2),
+]

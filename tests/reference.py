@@ -7,6 +7,7 @@ reading of the specification.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -314,3 +315,145 @@ def step_both(opt, ref, p: torch.Tensor, grads: Iterable[torch.Tensor],
         if check is not None:
             check()
 
+
+
+class Adafactor8BitReference:
+    """Adafactor8Bit without quantization on one fp32 tensor, from the written rule.
+
+    Covers the paths the package references do not: Adam-style momentum on the factored and
+    full paths, the Adam denominator with bias correction, SGD mode, Fira, and APOLLO (channel
+    or tensor scaling, optionally factorized). ``projection(step_seed)`` supplies APOLLO's
+    matrix for the current seed (the seeded generator is the definition of P); everything else
+    is plain torch on one tensor, with Python loops for the row/column statistics.
+    """
+
+    def __init__(self, p: torch.Tensor, lr=1e-2, beta1=None, beta2=None, beta2_decay=-0.8,
+                 eps1=1e-30, eps2=1e-3, weight_decay=0.0, d=1.0, relative_step=True,
+                 scale_parameter=True, factored=True, apollo_rank=0, apollo_gap=200,
+                 apollo_scale_type="channel", apollo_scale=1.0, apollo_eps=1e-6,
+                 apollo_factorize=False, fira=False, fira_apollo=True, fira_margin=0.01,
+                 bias_correction=None, projection=None, next_seed=None, seed=0) -> None:
+        self.p = p
+        self.__dict__.update(dict(
+            lr=lr, beta1=beta1, beta2=beta2, beta2_decay=beta2_decay, eps1=eps1, eps2=eps2,
+            wd=weight_decay, d=d, relative_step=relative_step, scale_parameter=scale_parameter,
+            factored=factored, rank=apollo_rank, gap=apollo_gap, scale_type=apollo_scale_type,
+            apollo_scale=apollo_scale, apollo_eps=apollo_eps, factorize=apollo_factorize,
+            fira=fira, fira_apollo=fira_apollo, margin=fira_margin,
+            bias_correction=bias_correction, projection=projection, next_seed=next_seed,
+            seed=seed))
+        self.t = 0
+        self.state: dict[str, torch.Tensor] = {}
+        self.prev_norm = 0.0
+
+    def matrix(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(t.shape[0], -1) if t.ndim >= 2 else t.reshape(-1)
+
+    def _zeros(self, key, shape):
+        if key not in self.state:
+            self.state[key] = torch.zeros(shape)
+        return self.state[key]
+
+    def _fira(self, norm: float) -> float:
+        gamma = 1.0 + self.margin
+        if self.prev_norm < 1e-6:
+            factor = 1.0
+        else:
+            factor = 1.0 / (max(norm / (self.prev_norm + 1e-8), gamma) / gamma)
+        self.prev_norm = norm * factor
+        return factor
+
+    def step(self, grad: torch.Tensor) -> None:
+        self.t += 1
+        t = self.t
+        g = self.matrix(grad.float())
+        p = self.matrix(self.p.detach().float())
+        rho = min(self.lr, t ** -0.5) if self.relative_step else self.lr
+        rms_p = p.pow(2).mean().sqrt().item()
+        alpha = max(self.eps2, rms_p) * rho if self.scale_parameter else rho
+        b = 1.0 - self.beta2 if self.beta2 is not None else t ** self.beta2_decay
+        apollo = self.rank > 0 and g.ndim == 2
+        adam = not apollo and (not self.factored) and self.beta2 is not None
+        correct = (adam or apollo) if self.bias_correction is None else self.bias_correction
+        correct = correct and not self.relative_step
+        bc = 1.0
+        if correct:
+            if self.beta2 is not None:
+                bc *= math.sqrt(1.0 - self.beta2 ** t)
+            if self.beta1 is not None:
+                bc /= 1.0 - self.beta1 ** t
+        if apollo:
+            delta = self._apollo(g, b, alpha, bc)
+        else:
+            if g.ndim == 2 and self.factored:
+                rows, cols = g.shape
+                row = self._zeros("row", (rows,))
+                col = self._zeros("col", (cols,))
+                for i in range(rows):
+                    row[i] = (1 - b) * row[i] + b * ((g[i] ** 2).mean() + self.eps1)
+                for j in range(cols):
+                    col[j] = (1 - b) * col[j] + b * ((g[:, j] ** 2).mean() + self.eps1)
+                v_hat = row[:, None] * col[None, :] / row.mean()
+                denom = v_hat.sqrt()
+            else:
+                v = self._zeros("v", g.shape)
+                if adam:
+                    v.mul_(self.beta2).add_((1 - self.beta2) * g * g)
+                    eps = self.eps1 * (math.sqrt(1 - self.beta2 ** t) if correct else 1.0)
+                    denom = v.sqrt() + eps
+                else:
+                    v.mul_(1 - b).add_(b * (g * g + self.eps1))
+                    denom = v.sqrt()
+            source = g
+            if self.beta1 is not None:
+                m = self._zeros("m", g.shape)
+                m.mul_(self.beta1).add_((1 - self.beta1) * g)
+                source = m
+            u = source / denom
+            if self.d > 0:
+                rms = u.pow(2).mean().sqrt().item()
+                u = u / max(1.0, rms / self.d)
+            factor = self._fira(u.norm().item()) if self.fira else 1.0
+            delta = alpha * bc * factor * u
+        delta = delta + self.wd * alpha * p
+        with torch.no_grad():
+            self.p.sub_(delta.reshape(self.p.shape).to(self.p.dtype))
+
+    def _apollo(self, g, b, alpha, bc):
+        rows, cols = g.shape
+        right = rows >= cols
+        if (self.t - 1) % self.gap == 0:
+            self.seed = self.next_seed(self.seed)
+        proj = self.projection(self.seed, (self.rank, cols) if right else (rows, self.rank))
+        low = g @ proj.T if right else proj.T @ g
+        if self.factorize:
+            r = self._zeros("row_low", (low.shape[0],))
+            c = self._zeros("col_low", (low.shape[1],))
+            r.mul_(1 - b).add_(b * (low ** 2).mean(dim=1))
+            c.mul_(1 - b).add_(b * (low ** 2).mean(dim=0))
+            v_hat = r[:, None] * c[None, :] / max(r.mean().item(), self.apollo_eps)
+        else:
+            v = self._zeros("v_low", low.shape)
+            v.mul_(1 - b).add_(b * low ** 2).clamp_(min=1.17549435e-38)
+            v_hat = v
+        num = low
+        if self.beta1 is not None:
+            m = self._zeros("m_low", low.shape)
+            m.mul_(self.beta1).add_((1 - self.beta1) * low)
+            num = m
+        upd = num / (v_hat.sqrt() + self.apollo_eps)
+        if self.scale_type == "channel":
+            if right:
+                s = torch.stack([upd[i].norm() / (low[i].norm() + 1e-8) for i in range(rows)])
+                scaled = g * s[:, None]
+            else:
+                s = torch.stack([upd[:, j].norm() / (low[:, j].norm() + 1e-8)
+                                 for j in range(cols)])
+                scaled = g * s[None, :]
+        else:
+            s = upd.norm() / (low.norm() + 1e-8)
+            scaled = g * s
+        norm = scaled.norm().item()
+        factor = self._fira(norm) if self.fira_apollo else 1.0
+        clip = max(1.0, norm / (math.sqrt(g.numel()) * self.d)) if self.d > 0 else 1.0
+        return (alpha * bc / clip) * factor * math.sqrt(self.apollo_scale) * scaled

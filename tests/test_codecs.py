@@ -136,3 +136,16 @@ def test_momentum_codec_dispatch_and_errors():
     assert momentum_codec("bfloat16").dtype == torch.bfloat16
     with pytest.raises(ValueError, match="momentum_dtype"):
         momentum_codec("fp8")
+
+
+def test_integer_codec_keeps_int64_values_exactly():
+    from kaon.state.codecs import IntegerCodec
+
+    codec = IntegerCodec()
+    fresh = codec.init((), torch.device("cpu"))[""]
+    assert fresh.dtype == torch.int64 and int(fresh) == 0
+    big = torch.tensor([2**62 + 12345, 7], dtype=torch.int64)
+    stored = codec.encode(big)
+    assert torch.equal(codec.decode(stored, ()), big)
+    assert torch.equal(codec.encode(torch.tensor([3.0, 16777215.0]))[""],
+                       torch.tensor([3, 16777215]))

@@ -160,3 +160,15 @@ def test_checkpointing_page_round_trips_through_dcp():
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
     state = namespace["resumed_opt"].state[resumed[0].weight]
     assert state["m"].dtype == torch.int8
+
+
+def test_adafactor8bit_page_runs_and_documents_every_argument_and_key():
+    import kaon
+
+    namespace = _run_blocks("adafactor8bit.md")
+    names = [g["name"] for g in namespace["opt"].param_groups]
+    assert names == ["sensitive", "embedding", "matrix"]
+    _documents_every_argument_and_key(
+        "adafactor8bit.md", kaon.Adafactor8Bit,
+        ("step", "row", "col", "v", "m", "conf_row", "conf_col", "apollo_seed", "v_low", "m_low",
+         "row_low", "col_low", "fira_norm", "shift", "_scale", "_offset"))

@@ -65,6 +65,7 @@ __all__ = [
     "SUITES",
     "Config",
     "Row",
+    "adafactor8bit_configs",
     "baseline_configs",
     "check_configs",
     "default_configs",
@@ -496,20 +497,35 @@ def kernel_configs() -> list[Config]:
 
 
 def default_configs(suite: str, device: torch.device | str | None = None) -> list[Config]:
-    """The baselines and Adakaon's memory dial; the ``lora`` suite adds the per-parameter loop;
-    on CUDA the kernel rows (:func:`kernel_configs`) follow."""
+    """The baselines and Adakaon's memory dial, then Adafactor8Bit's (not on ``lora``); the
+    ``lora`` suite adds the per-parameter loop; on CUDA the kernel rows (:func:`kernel_configs`)
+    follow."""
     configs = baseline_configs() + [
         Config("Adakaon no momentum (beta1=0)", "Adakaon", {"lr": LR, "betas": (0.0, 0.999)}),
         Config("Adakaon 4bit", "Adakaon", {"lr": LR, "momentum_dtype": "4bit"}),
         Config(BATCHED, "Adakaon", {"lr": LR, "momentum_dtype": "int8"}),
         Config("Adakaon bfloat16", "Adakaon", {"lr": LR, "momentum_dtype": "bfloat16"}),
     ]
+    if suite != "lora":
+        configs += adafactor8bit_configs()
     if suite == "lora":
         configs.append(Config(LOOP, "Adakaon",
                               {"lr": LR, "momentum_dtype": "int8", "foreach": False}))
     if device is not None and torch.device(device).type == "cuda":
         configs += kernel_configs()
     return configs
+
+
+def adafactor8bit_configs() -> list[Config]:
+    """Adafactor8Bit's memory dial: factored log-space 8-bit, no momentum (the lean default);
+    with 4-bit momentum; APOLLO rank 16 with 4-bit momentum."""
+    lean = {"lr": LR, "relative_step": False}
+    return [
+        Config("Adafactor8Bit 8bit factored, no momentum", "Adafactor8Bit", lean),
+        Config("Adafactor8Bit 8bit + 4bit momentum", "Adafactor8Bit", {**lean, "beta1": 0.9}),
+        Config("Adafactor8Bit APOLLO r16 + 4bit momentum", "Adafactor8Bit",
+               {**lean, "beta1": 0.9, "beta2": 0.999, "apollo_rank": 16}),
+    ]
 
 
 def parse_config(text: str) -> Config:

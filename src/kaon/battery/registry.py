@@ -170,6 +170,22 @@ ENTRIES: list[Entry] = [
           ("KProdigy-factored-4bit", "KProdigy",
            {"second_moment": "factored", "momentum_dtype": "4bit", "slice_p": 11}, 1.0,
            "KProdigy memory recipe (~1.27 B/param on large matrices)"),
+          # Adafactor8Bit unscaled (scale_parameter=False), so lr is an Adam-scale step like
+          # Adakaon's; rates not swept (those of Adakaon-nomom / the CAME and AdamW peers)
+          ("Adafactor8Bit", "Adafactor8Bit",
+           {"relative_step": False, "scale_parameter": False},
+           {"diffusion": 9e-3, "lm": 1e-2}, "log-space 8-bit Adafactor, no momentum "
+           "(~0.002 B/param)"),
+          ("Adafactor8Bit-4bit", "Adafactor8Bit",
+           {"relative_step": False, "scale_parameter": False, "beta1": 0.9},
+           {"diffusion": 9e-3, "lm": 1e-2}, "Adafactor8Bit, 4-bit momentum (~0.53 B/param)"),
+          ("Adafactor8Bit-CAME", "Adafactor8Bit",
+           {"relative_step": False, "scale_parameter": False, "beta1": 0.9, "beta2": 0.999,
+            "beta3": 0.9999}, _ADAMW_LR, "quantized CAME, 4-bit momentum"),
+          ("Adafactor8Bit-APOLLO", "Adafactor8Bit",
+           {"relative_step": False, "scale_parameter": False, "beta1": 0.9, "beta2": 0.999,
+            "apollo_rank": 16, "d": 0.0}, _ADAMW_LR,
+           "APOLLO rank 16 with Fira, 4-bit low-rank momentum"),
       ]],
     # peers: run when their package is installed
     _entry("bnb AdamW8bit", _class("bitsandbytes.optim.AdamW8bit"), _ADAMW_LR, family="peer",

@@ -1,5 +1,6 @@
 """One module per optimizer: its arguments, its state layout and its update rule."""
 
+from kaon.optim.adafactor8bit import Adafactor8Bit
 from kaon.optim.adakaon import Adakaon
 from kaon.optim.adamuon import AdaMuon
 from kaon.optim.adamw import AdamW
@@ -12,5 +13,17 @@ from kaon.optim.nekaon import Nekaon
 from kaon.optim.oadamw import OAdamW
 from kaon.optim.schedulefree_adamw import ScheduleFreeAdamW
 
-__all__ = ["AdaMuon", "AdaPNM", "Adakaon", "Autokaon", "AdamW", "KProdigy", "Lion", "Muon", "Nekaon",
-           "OAdamW", "ScheduleFreeAdamW"]
+__all__ = [
+    "Adafactor8Bit",
+    "Adakaon",
+    "AdaMuon",
+    "AdamW",
+    "AdaPNM",
+    "Autokaon",
+    "KProdigy",
+    "Lion",
+    "Muon",
+    "Nekaon",
+    "OAdamW",
+    "ScheduleFreeAdamW",
+]

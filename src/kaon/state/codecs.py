@@ -29,6 +29,7 @@ __all__ = [
     "FourBitCodec",
     "LogSpace8BitCodec",
     "LogSpace4BitCodec",
+    "IntegerCodec",
     "momentum_codec",
     "MOMENTUM_DTYPES",
 ]
@@ -346,6 +347,29 @@ class LogSpace4BitCodec(LogSpace8BitCodec):
         numel = math.prod(shape)
         nibbles = torch.stack((stored & 0x0F, stored >> 4), dim=-1).view(stored.shape[0], -1)
         return nibbles[:, :numel]
+
+
+class IntegerCodec(Codec):
+    """Stores an integer value (a random seed, a counter) exactly, as int64 (8 B/element).
+
+    ``decode`` returns the int64 tensor itself (not fp32): the rule does integer arithmetic on
+    it. ``encode`` accepts int64 (kept as is) or a float tensor holding integers (rounded).
+    """
+
+    @property
+    def key(self) -> tuple:
+        return ("int64",)
+
+    def init(self, shape, device):
+        return {"": torch.zeros(shape, dtype=torch.int64, device=device)}
+
+    def decode(self, stored, shape, out=None):
+        return stored[""]
+
+    def encode(self, x):
+        if x.dtype == torch.int64:
+            return {"": x}
+        return {"": x.round().to(torch.int64)}
 
 
 _FLOAT_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
