@@ -242,6 +242,18 @@ def _gather(opt: KaonOptimizer, bucket: list[Tensor]) -> dict[int, tuple[Tensor,
     return out
 
 
+#: the whole-tensor stand-in being stepped -> its DTensor parameter (see :func:`original`)
+_STAND_INS: dict[int, Tensor] = {}
+
+
+def original(t: Tensor) -> Tensor:
+    """The parameter the optimizer holds for ``t``: ``t`` itself, or the DTensor parameter when
+    ``t`` is the whole-tensor stand-in that :func:`run_group` is stepping. A rule that derives
+    something from a parameter's identity (its index in ``param_groups``, as Adafactor8Bit's
+    APOLLO seeds do) looks it up through this, so the sharded run matches the single process."""
+    return _STAND_INS.get(id(t), t)
+
+
 def _step_whole(opt: KaonOptimizer, group: dict, p: Tensor, gathered, statistics, reads,
                 plan_only: bool) -> Tensor | None:
     """Run the engine on the whole tensor (gathered by :func:`_gather`); keep the local rows of
@@ -250,6 +262,7 @@ def _step_whole(opt: KaonOptimizer, group: dict, p: Tensor, gathered, statistics
     whole.grad = grad
     state = opt.state[p]
     opt.state[whole] = state_whole
+    _STAND_INS[id(whole)] = p
     try:
         runs = engine.run_group(opt, group, [whole], statistics=statistics, reads=reads,
                                 plan_only=plan_only)
@@ -258,6 +271,7 @@ def _step_whole(opt: KaonOptimizer, group: dict, p: Tensor, gathered, statistics
             cache.pop(engine._plan_key(opt, group, [whole]), None)
     finally:
         new_state = opt.state.pop(whole, {})
+        _STAND_INS.pop(id(whole), None)
     if not plan_only and statistics is None:
         _keep_rows(local(p), whole, p)
     _store_sharded(state, new_state, p)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kaon import lowrank, ops
+from kaon import distributed, lowrank, ops
 from kaon.engine import Batch, Slot
 from kaon.optimizer import KaonOptimizer
 from kaon.precision import BF16_METHODS
@@ -307,6 +307,7 @@ class Adafactor8Bit(KaonOptimizer):
         return slots
 
     def _param_index(self, p: Tensor) -> int:
+        p = distributed.original(p)  # under FSDP2 the engine steps a whole-tensor stand-in
         for i, q in enumerate(chain.from_iterable(g["params"] for g in self.param_groups)):
             if q is p:
                 return i
