@@ -23,7 +23,7 @@ from kaon import bench
 def main() -> None:
     rounds = int(next((a for a in sys.argv[1:] if a.isdigit()), "15"))
     shapes = bench.suite_shapes("llm", quick="--quick" in sys.argv)
-    params = bench._make_params(shapes, torch.device("cpu"), torch.float32, 0)
+    params = bench.make_params(shapes)
     contenders = {
         "torch AdamW foreach": torch.optim.AdamW(params, lr=1e-4, foreach=True),
         "Adafactor8Bit": kaon.Adafactor8Bit(params, lr=1e-4, relative_step=False),

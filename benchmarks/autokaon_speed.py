@@ -20,16 +20,6 @@ import kaon
 from kaon import bench
 
 
-def params_for(shapes, seed: int = 0) -> list[torch.nn.Parameter]:
-    gen = torch.Generator().manual_seed(seed)
-    params = []
-    for shape in shapes:
-        p = torch.nn.Parameter(torch.randn(shape, generator=gen) * 0.02)
-        p.grad = torch.randn(shape, generator=gen)
-        params.append(p)
-    return params
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", default="llm")
@@ -39,9 +29,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     shapes = bench.suite_shapes(args.suite, quick=True)
     opts = {
-        "Adakaon": kaon.Adakaon(params_for(shapes), lr=1e-4),
-        "Autokaon tuning": kaon.Autokaon(params_for(shapes), lr_freeze=None),
-        "Autokaon frozen": kaon.Autokaon(params_for(shapes), lr_freeze=1),
+        "Adakaon": kaon.Adakaon(bench.make_params(shapes), lr=1e-4),
+        "Autokaon tuning": kaon.Autokaon(bench.make_params(shapes), lr_freeze=None),
+        "Autokaon frozen": kaon.Autokaon(bench.make_params(shapes), lr_freeze=1),
     }
     for opt in opts.values():
         opt.step()

@@ -24,23 +24,13 @@ import kaon
 from kaon import bench
 
 
-def params_for(shapes, seed: int = 0) -> list[torch.nn.Parameter]:
-    gen = torch.Generator().manual_seed(seed)
-    params = []
-    for shape in shapes:
-        p = torch.nn.Parameter(torch.randn(shape, generator=gen) * 0.02)
-        p.grad = torch.randn(shape, generator=gen)
-        params.append(p)
-    return params
-
-
 def step_times(makers: dict, shapes, steps: int, warmup: int) -> dict[str, float]:
     """Median step time of each optimizer; the optimizers step in turn (interleaved), so load
     from other processes affects them alike."""
     opts = {}
     with contextlib.redirect_stdout(io.StringIO()):  # prodigyopt prints notices
         for name, make in makers.items():
-            opts[name] = make(params_for(shapes))
+            opts[name] = make(bench.make_params(shapes))
     for _ in range(warmup):
         for opt in opts.values():
             opt.step()

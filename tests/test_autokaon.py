@@ -13,13 +13,7 @@ from torch import nn
 import kaon
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: torch's thread pool only adds contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def model_and_data(seed=0, dtype=torch.float32):

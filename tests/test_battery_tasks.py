@@ -11,13 +11,7 @@ import kaon
 from kaon.battery import DenoiseTask, make_images, run_denoise
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions: one thread is faster, and far faster on a shared, loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 TINY = DenoiseTask(steps=40, heldout_images=16, width=8, eval_draws=2)

@@ -369,8 +369,10 @@ def step_bytes(params: Sequence[torch.Tensor], state_bytes: int) -> int:
     return total
 
 
-def _make_params(shapes: Sequence[Shape], device: torch.device, dtype: torch.dtype,
-                 seed: int) -> list[torch.nn.Parameter]:
+def make_params(shapes: Sequence[Shape], device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32, seed: int = 0) -> list[torch.nn.Parameter]:
+    """Parameters of the given shapes (N(0, 0.02^2)) with fixed N(0, 1) gradients, as every
+    benchmark row uses them."""
     generator = torch.Generator().manual_seed(seed)
     params = []
     for shape in shapes:
@@ -426,7 +428,7 @@ def run_suite(suite: str, shapes: Sequence[Shape], configs: Sequence[Config], *,
     if not shapes:
         raise ValueError(f"suite {suite!r} has no tensors")
     device = torch.device(device)
-    params = _make_params(shapes, device, dtype, seed)
+    params = make_params(shapes, device, dtype, seed)
     initial = [p.detach().clone() for p in params]
     count = sum(p.numel() for p in params)
     rows: list[Row] = []
