@@ -12,7 +12,6 @@ from torch import nn
 
 import kaon
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 

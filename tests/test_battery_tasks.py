@@ -10,7 +10,6 @@ import torch
 import kaon
 from kaon.battery import DenoiseTask, make_images, run_denoise
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
