@@ -317,6 +317,114 @@ def check_nonfinite(rank, policy):
             raise AssertionError("a tensor with finite gradients was not stepped")
 
 
+# distributed_mode="local": the entries whose rule is elementwise per tensor, or whose only
+# whole-tensor statistics are per row (int8 row scales, a 1-D view's own elements), give the
+# single-process result bit for bit (docs/distributed.md, "distributed_mode='local'")
+LOCAL_EXACT = {
+    "Lion-float32-plain", "AdamW", "AdamW-engine", "AdamW-bfloat16",
+    "ScheduleFreeAdamW", "ScheduleFreeAdamW-warmup-wd-kahan",
+}
+#: shard-local approximations: ||w_local - w_ref|| / ||w_ref - w_0|| after 3 steps (all weights)
+LOCAL_TOLERANCE = 5.0
+LOCAL_METRICS: dict[str, dict[str, float]] = {}
+
+
+def _sum_sq(t) -> float:
+    return float(t.double().pow(2).sum())
+
+
+def check_local(entry, rank, path):
+    """``distributed_mode="local"``: train 3 steps against the single-process reference (bit
+    for bit for LOCAL_EXACT, else within LOCAL_TOLERANCE), every state entry a ``Shard(0)``
+    DTensor holding only this rank's piece, then a DCP round trip continues bit for bit."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    dtype = torch.float32
+    def make_local(seed_model):
+        m = shard(make_model(dtype, seed_model))
+        o = entry.make([{"params": list(m.parameters()), "distributed_mode": "local"}],
+                       lr=entry.train_lr, seed=SEED)
+        return m, o
+    model, opt = make_local(0)
+    ref_model = make_model(dtype)
+    ref = entry.make(list(ref_model.parameters()), lr=entry.train_lr, seed=SEED)
+    start = [q.detach().clone() for q in ref_model.parameters()]
+    get_optimizer_state_dict(model, opt)  # the lr-0 priming step creates the sharded state
+    x0, y0 = global_batch(0, dtype)
+    with torch.no_grad():
+        before = float(loss_of(ref_model, x0, y0))  # the same initial weights
+    for step in range(STEPS):
+        fsdp_step(model, opt, ref_model, ref, step, rank, dtype)
+    with torch.no_grad():
+        after, ref_after = float(loss_of(model, x0, y0)), float(loss_of(ref_model, x0, y0))
+    model.reshard()  # the root unit keeps its gathered weights after a forward alone
+    params, ref_params = list(model.parameters()), list(ref_model.parameters())
+    for i, p in enumerate(params):
+        if not torch.isfinite(local(p.detach())).all():
+            PROBLEMS.append(f"parameter {i} is not finite")
+        for key, value in opt.state[p].items():
+            if not torch.is_tensor(value):
+                continue
+            if not (hasattr(value, "to_local") and list(value.placements) == [Shard(0)]):
+                PROBLEMS.append(f"state {key!r} of parameter {i} is not a Shard(0) DTensor")
+                continue
+            size, _ = compute_local_shape_and_global_offset(value.shape, value.device_mesh,
+                                                            value.placements)
+            if tuple(value.to_local().shape) != tuple(size) or (
+                    value.shape[0] > 1 and value.to_local().numel() == value.numel()):
+                PROBLEMS.append(f"state {key!r} of parameter {i} holds more than its piece")
+    if not (after == after and after < before):
+        PROBLEMS.append(f"the loss did not decrease: {before} -> {after}")
+    # bit for bit: the weights and every state entry laid out as in one process (row-aligned)
+    same = all(torch.equal(local(p.detach()), piece(q.detach(), p))
+               for p, q in zip(params, ref_params))
+    same = same and all(
+        torch.equal(local(opt.state[p][key]), piece(b, opt.state[p][key]))
+        for p, q in zip(params, ref_params) for key, b in ref.state[q].items()
+        if torch.is_tensor(b) and tuple(opt.state[p][key].shape) == tuple(b.shape))
+    sums = torch.tensor([
+        sum(_sum_sq(local(p.detach()) - piece(q.detach(), p)) for p, q in
+            zip(params, ref_params)),
+        sum(_sum_sq(piece(q.detach() - s, p)) for p, q, s in zip(params, ref_params, start)),
+        0.0 if same else 1.0,
+    ], dtype=torch.float64)
+    dist.all_reduce(sums)
+    rel, same = float(sums[0].sqrt() / sums[1].sqrt()), not sums[2].item()
+    if entry.name in LOCAL_EXACT:
+        if not same:
+            PROBLEMS.append(f"not bit-exact against one process (weights: relative {rel:.3g})")
+        agree_across_ranks(group_scalars(opt) + group_scalars(ref), "group scalars")
+    elif not rel <= LOCAL_TOLERANCE:
+        PROBLEMS.append(f"relative difference {rel:.3g} > {LOCAL_TOLERANCE}")
+    agree_across_ranks(group_scalars(opt), "group scalars")  # KProdigy's D, Autokaon's rate
+    LOCAL_METRICS[entry.name] = {"rel": rel, "bit_exact": same, "loss_before": before, "loss_after": after,
+                                 "loss_ref": ref_after}
+    # DCP: save, load into a fresh local-mode optimizer (other weights), continue bit for bit
+    saved = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.save(saved, checkpoint_id=path)
+    model2, opt2 = make_local(1)
+    target = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2)}
+    dcp.load(target, checkpoint_id=path)
+    set_model_state_dict(model2, target["model"])
+    set_optimizer_state_dict(model2, opt2, target["optim"])
+    for step in range(STEPS, STEPS + 2):
+        fsdp_step(model, opt, ref_model, None, step, rank, dtype)
+        fsdp_step(model2, opt2, ref_model, None, step, rank, dtype)
+        for i, (p, q) in enumerate(zip(model.parameters(), model2.parameters())):
+            if not torch.equal(p.to_local(), q.to_local()):
+                PROBLEMS.append(f"local resumed step {step}: parameter {i} differs")
+        for key, a, b in state_pairs(opt2, opt, list(model2.parameters()),
+                                     list(model.parameters())):
+            a, b = (a.to_local(), b.to_local()) if hasattr(a, "to_local") else (a, b)
+            if not (torch.equal(a, b) if torch.is_tensor(a) else a == b):
+                PROBLEMS.append(f"local resumed step {step}: state {key!r} differs")
+        for g, h in zip(opt.param_groups, opt2.param_groups):
+            for key in g:
+                if key != "params" and g[key] != h[key]:
+                    PROBLEMS.append(f"local resumed step {step}: group key {key!r} differs")
+
+
 CHECKS = {
     "fsdp": lambda e, r, path: check_fsdp(e, r, torch.float32),
     "fsdp_bf16": lambda e, r, path: check_fsdp(e, r, torch.bfloat16),
@@ -325,6 +433,7 @@ CHECKS = {
         e, r, torch.bfloat16 if e.supports_bf16 else torch.float32, path),
     "ddp": lambda e, r, path: check_ddp(e, r, torch.float32),
     "ddp_bf16": lambda e, r, path: check_ddp(e, r, torch.bfloat16),
+    "local": check_local,
 }
 BF16_CHECKS = ("fsdp_bf16", "ddp_bf16")
 
@@ -384,6 +493,8 @@ def main(rank: int, world: int, port: int, out: str, names: list[str]) -> None:
                 json.dump(results, f, indent=1)
             with open(os.path.join(out, "timings.json"), "w") as f:
                 json.dump(timings, f, indent=1)
+            with open(os.path.join(out, "local_metrics.json"), "w") as f:
+                json.dump(LOCAL_METRICS, f, indent=1)
         # both ranks are done with every collective before the group goes away: tearing gloo
         # down while the other rank still talks to it aborts the process ("terminate called
         # without an active exception"), seen intermittently on a loaded 2-core machine

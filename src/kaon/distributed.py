@@ -54,6 +54,7 @@ docs/distributed.md).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Collection, Iterable
@@ -72,7 +73,7 @@ __all__ = ["MODES", "MODE_KEY", "is_dtensor", "has_dtensor", "local", "run_group
 
 MODE_KEY = "distributed_mode"
 #: accepted values of the group key ``distributed_mode``
-MODES = ("exact",)
+MODES = ("exact", "local")
 
 _DTENSOR: Any = None
 
@@ -127,13 +128,17 @@ def run_group(opt: KaonOptimizer, group: dict, params: list[Tensor], *,
     ``([p], stats)`` pairs with the DTensor parameter ``p``; with ``plan_only`` the state is
     created (and checked) and nothing else happens.
     """
-    check_mode(group, type(opt).__name__)
+    mode = check_mode(group, type(opt).__name__)
     plain = [p for p in params if not is_dtensor(p)]
     out: list[tuple[list[Tensor], Tensor]] = []
     if plain:
         out += engine.run_group(opt, group, plain, statistics=statistics, reads=reads,
                                 plan_only=plan_only)
     sharded = [p for p in params if is_dtensor(p)]
+    if mode == "local":
+        rows = [p for p in sharded if _sharded_rows(p, p.device_mesh) and p.ndim >= 1]
+        out += _run_local(opt, group, rows, statistics, reads, plan_only)
+        sharded = [p for p in sharded if not any(p is q for q in rows)]  # other placements
     for bucket in _buckets(sharded):
         gathered = _gather(opt, bucket)
         for p in bucket:
@@ -334,6 +339,188 @@ def _store_sharded(state: dict, new_state: dict, p: Tensor) -> None:
                 piece.clone(), p.device_mesh, placements, run_check=False,
                 shape=value.shape, stride=_contiguous_stride(value.shape),
             )
+
+
+# ------------------------------------------------------------------ distributed_mode="local"
+def _local_shapes(opt: KaonOptimizer) -> dict[tuple[int, str], torch.Size]:
+    """The engine-facing shapes of this rank's *per-rank* state entries (keyed by parameter id
+    and state key): such an entry is stored flat and padded in a ``[world, L]`` DTensor."""
+    return opt.__dict__.setdefault("_local_shapes", {})
+
+
+def _engine_view(opt: KaonOptimizer, p: Tensor, key: str, value: Any) -> Any:
+    """The plain tensor the engine sees for the stored state entry ``value`` of ``p`` (a view
+    of this rank's piece, sharing its storage), or ``value`` itself if it is not a DTensor."""
+    if not is_dtensor(value):
+        return value
+    piece = local(value)
+    shape = _local_shapes(opt).get((id(p), key))
+    if shape is None:
+        return piece
+    return piece.reshape(-1)[:math.prod(shape)].view(shape)
+
+
+def _run_local(opt: KaonOptimizer, group: dict, params: list[Tensor], statistics, reads,
+               plan_only: bool) -> list[tuple[list[Tensor], Tensor]]:
+    """Step every ``Shard(0)`` DTensor of ``params`` on its local rows alone.
+
+    Each rank hands the engine a plain stand-in per parameter: its local rows (sharing the
+    shard's storage), the local gradient rows and plain views of its state pieces, and the
+    engine runs the optimizer's rule on them exactly as on ordinary tensors (batched as
+    usual). Ranks whose shard is empty create the state and run nothing. The new state is
+    written back into the stored DTensors (see :func:`_store_local`). With ``statistics`` the
+    per-tensor statistics are summed over the ranks of the mesh, so a global scalar reduced
+    from them (KProdigy's ``D``, Autokaon's rate) agrees on every rank.
+    """
+    if not params:
+        return []
+    standins = []
+    for p in params:
+        s = local(p).detach()
+        s.grad = local(p.grad)
+        opt.state[s] = {k: _engine_view(opt, p, k, v) for k, v in opt.state[p].items()}
+        standins.append(s)
+    runs: list[tuple[list[Tensor], Tensor]] = []
+    try:
+        live = [s for s in standins if s.numel()]
+        if live:
+            runs = engine.run_group(opt, group, live, statistics=statistics, reads=reads,
+                                    plan_only=plan_only)
+            cache = opt._plans.get((id(group), len(live) == 1))
+            if cache is not None:  # the stand-ins are new each step: do not keep their plan
+                cache.pop(engine._plan_key(opt, group, live), None)
+        for s in standins:
+            if not s.numel():  # an empty shard: same state keys as every other rank, zeros
+                _, slots = engine._layout(opt, s, group)
+                engine._ensure_state(opt, s, tuple(dataclasses.replace(slot, init=None)
+                                                   for slot in slots))
+        new_states = [opt.state.get(s, {}) for s in standins]
+    finally:
+        for s in standins:
+            opt.state.pop(s, None)
+            s.grad = None
+    _store_local(opt, group, params, new_states)
+    if statistics is None:
+        return []
+    return _reduced_statistics(params, standins, runs)
+
+
+def _reduced_statistics(params: list[Tensor], standins: list[Tensor], runs) -> list:
+    """``([p], stats)`` per parameter, the per-shard statistics summed over the mesh (an empty
+    shard contributes zeros)."""
+    rows: dict[int, Tensor] = {}
+    for chunk, stats in runs:
+        for s, row in zip(chunk, stats):
+            rows[id(s)] = row
+    known = next(iter(rows.values()), None)
+    width = torch.tensor([known.numel() if known is not None else 0], dtype=torch.int64)
+    groups = _groups_of(params)
+    for g in groups:
+        torch.distributed.all_reduce(width, torch.distributed.ReduceOp.MAX, group=g)
+    device = known.device if known is not None else local(params[0]).device
+    table = torch.zeros(len(params), int(width.item()), dtype=torch.float32, device=device)
+    for i, s in enumerate(standins):
+        if id(s) in rows:
+            table[i] = rows[id(s)].reshape(-1).float()
+    for g in groups:
+        torch.distributed.all_reduce(table, group=g)
+    shape = known.shape if known is not None else (int(width.item()),)
+    dtype = known.dtype if known is not None else torch.float32
+    return [([p], table[i].to(dtype).reshape(1, *shape)) for i, p in enumerate(params)]
+
+
+def _row_aligned_keys(opt: KaonOptimizer, group: dict, p: Tensor) -> set[str]:
+    """The state keys of ``p`` whose first dimension is the parameter's rows (found by
+    laying out two probe tensors of 3 and 5 rows): stored ``Shard(0)`` like the parameter."""
+    shapes = []
+    for rows in (3, 5):
+        probe = torch.zeros((rows, *p.shape[1:]), dtype=p.dtype)
+        try:
+            _, slots = engine._layout(opt, probe, group)
+        finally:
+            opt.state.pop(probe, None)
+        shapes.append({slot.name: {slot.name + sfx: tuple(t.shape) for sfx, t in
+                                   slot.codec.init(slot.shape, torch.device("meta")).items()}
+                       for slot in slots})
+    aligned = set()
+    for name, keys in shapes[0].items():
+        other = shapes[1].get(name, {})
+        if all(key in other and len(a) >= 1 and a[0] == 3 and other[key][0] == 5
+               and a[1:] == other[key][1:] for key, a in keys.items()):
+            aligned.update(keys)
+    return aligned
+
+
+def _store_local(opt: KaonOptimizer, group: dict, params: list[Tensor],
+                 new_states: list[dict]) -> None:
+    """Write each rank's new local state into the stored DTensors, in place where the layout
+    is unchanged; otherwise (new state, a layout change) every rank re-creates the DTensors of
+    these parameters together (a collective decision, so that the shape exchange pairs up).
+
+    Layout: a state entry whose first dimension is the parameter's rows is ``Shard(0)`` over
+    the global rows (``torch.chunk`` sizes, exactly as in the exact mode); any other entry
+    (column moments, 4-bit codes and block scales, sliced KProdigy state, step counters) is
+    this rank's own, stored flat in row ``rank`` of a ``[world, L]`` ``Shard(0)`` DTensor,
+    ``L`` the largest piece over the ranks (zero-padded).
+    """
+    shapes = _local_shapes(opt)
+    rewrap = False
+    for p, new in zip(params, new_states):
+        state = opt.state[p]
+        for key in [k for k in state if k not in new]:
+            del state[key]
+            shapes.pop((id(p), key), None)
+        for key, value in new.items():
+            if not isinstance(value, Tensor) or is_dtensor(value):
+                state[key] = value
+                continue
+            view = _engine_view(opt, p, key, state.get(key))
+            if (is_dtensor(state.get(key)) and view.shape == value.shape
+                    and view.dtype == value.dtype):
+                if value.data_ptr() != view.data_ptr() or value.stride() != view.stride():
+                    view.copy_(value)  # e.g. a batched chunk's packed buffer
+            else:
+                rewrap = True
+    flag = torch.tensor([int(rewrap)], dtype=torch.int64)
+    for g in _groups_of(params):
+        torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, group=g)
+    if not flag.item():
+        return
+    from torch.distributed.tensor import DTensor, Shard
+
+    values = []  # every tensor entry, plain (engine-facing), in a rank-independent order
+    for p, new in zip(params, new_states):
+        state = opt.state[p]
+        for key in sorted(new):
+            value = new[key]
+            if isinstance(value, Tensor) and not is_dtensor(value):
+                values.append((p, key, value))
+            elif is_dtensor(value):
+                values.append((p, key, _engine_view(opt, p, key, value).clone()))
+    process_group = params[0].device_mesh.get_group()
+    shapes_of = [None] * torch.distributed.get_world_size(process_group)
+    torch.distributed.all_gather_object(
+        shapes_of, [tuple(v.shape) for _, _, v in values], group=process_group)
+    probed = {id(p): _row_aligned_keys(opt, group, p) for p in params}
+    for i, (p, key, value) in enumerate(values):
+        mesh, world = p.device_mesh, len(shapes_of)
+        rows = _row_split(p.shape[0], world)
+        # Shard(0) like the parameter where every rank holds its own rows of the same shape
+        aligned = key in probed[id(p)] and all(
+            len(col[i]) >= 1 and col[i][0] == r and col[i][1:] == value.shape[1:]
+            for col, r in zip(shapes_of, rows))
+        if aligned:
+            shape = torch.Size((p.shape[0], *value.shape[1:]))
+            piece = value.clone()
+            shapes.pop((id(p), key), None)
+        else:
+            width = max(math.prod(col[i]) for col in shapes_of)
+            shape = torch.Size((world, width))
+            piece = torch.zeros(1, width, dtype=value.dtype, device=value.device)
+            piece[0, :value.numel()] = value.reshape(-1)
+            shapes[(id(p), key)] = value.shape
+        opt.state[p][key] = DTensor.from_local(piece, mesh, [Shard(0)], run_check=False,
+                                               shape=shape, stride=_contiguous_stride(shape))
 
 
 # ------------------------------------------------------------------------- collectives
