@@ -17,6 +17,11 @@ process computes:
   ``get_/set_optimizer_state_dict``; both then train 3 more steps and must agree bit for bit
   (weights, state, group scalars), in fp32 and, where supported, bf16 (which needs the
   stochastic-rounding stream to travel).
+* ``local``: ``distributed_mode="local"`` (each rank runs the rule on its own rows), fp32:
+  after 3 steps the weights equal the single-process run bit for bit for the elementwise
+  entries (``LOCAL_EXACT``) and are within ``LOCAL_TOLERANCE`` of it otherwise; every state
+  entry is a ``Shard(0)`` DTensor holding only this rank's piece; the group scalars (KProdigy's
+  ``D``, Autokaon's rate) agree on every rank; a DCP round trip then continues bit for bit.
 * ``ddp``: ``DistributedDataParallel`` with half of the global batch per rank against one process
   stepping on the mean of the two half-batch gradients, fp32 and bf16 (replicas must also agree
   with each other bit for bit).
@@ -25,6 +30,7 @@ process computes:
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -317,15 +323,19 @@ def check_nonfinite(rank, policy):
             raise AssertionError("a tensor with finite gradients was not stepped")
 
 
-# distributed_mode="local": the entries whose rule is elementwise per tensor, or whose only
-# whole-tensor statistics are per row (int8 row scales, a 1-D view's own elements), give the
-# single-process result bit for bit (docs/distributed.md, "distributed_mode='local'")
+# distributed_mode="local": the entries whose rule is elementwise (Adam moments without
+# quantization, Lion without cautious masking or centralization, ScheduleFree, OAdamW without
+# orthogonalization) give the single-process result bit for bit (docs/distributed.md).
+# kaon.AdamW on torch's fused CPU kernel is not listed: its weights match, but the last bit of
+# exp_avg_sq depends on where an element falls in the kernel's vector lanes, which a shard moves.
 LOCAL_EXACT = {
-    "Lion-float32-plain", "AdamW", "AdamW-engine", "AdamW-bfloat16",
-    "ScheduleFreeAdamW", "ScheduleFreeAdamW-warmup-wd-kahan",
+    "Lion-float32-plain", "AdamW-engine", "AdamW-bfloat16", "ScheduleFreeAdamW",
+    "ScheduleFreeAdamW-warmup-wd-kahan", "OAdamW", "OAdamW-decoupled-sr",
 }
-#: shard-local approximations: ||w_local - w_ref|| / ||w_ref - w_0|| after 3 steps (all weights)
-LOCAL_TOLERANCE = 5.0
+#: shard-local approximations: ||w_local - w_ref|| / ||w_ref - w_0|| (all weights, 3 steps,
+#: against one process in exact arithmetic); measured up to 0.69 (Newton-Schulz on shards),
+#: <= 0.35 for the rules whose approximation is a statistic (column moments, clip, cautious)
+LOCAL_TOLERANCE = 0.75
 LOCAL_METRICS: dict[str, dict[str, float]] = {}
 
 
@@ -374,8 +384,10 @@ def check_local(entry, rank, path):
             if tuple(value.to_local().shape) != tuple(size) or (
                     value.shape[0] > 1 and value.to_local().numel() == value.numel()):
                 PROBLEMS.append(f"state {key!r} of parameter {i} holds more than its piece")
-    if not (after == after and after < before):
-        PROBLEMS.append(f"the loss did not decrease: {before} -> {after}")
+    # trains: a finite loss, not worse than the start or the single process by 5 % of the start
+    # (3 steps at the suite's rates do not lower every optimizer's loss, in one process either)
+    if not (math.isfinite(after) and after <= max(before, ref_after) + 0.05 * before):
+        PROBLEMS.append(f"the loss went {before} -> {after} (one process: {ref_after})")
     # bit for bit: the weights and every state entry laid out as in one process (row-aligned)
     same = all(torch.equal(local(p.detach()), piece(q.detach(), p))
                for p, q in zip(params, ref_params))
@@ -404,6 +416,8 @@ def check_local(entry, rank, path):
     saved = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
     dcp.save(saved, checkpoint_id=path)
     model2, opt2 = make_local(1)
+    if getattr(opt, "is_frozen", lambda: False)():
+        opt2.freeze()  # a frozen Autokaon checkpoint loads into a frozen Autokaon (as above)
     target = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2)}
     dcp.load(target, checkpoint_id=path)
     set_model_state_dict(model2, target["model"])

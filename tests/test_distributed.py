@@ -47,7 +47,7 @@ def results(tmp_path_factory):
 
 
 CASES = [(e.name, check) for e in OPTIMIZERS
-         for check in ("fsdp", "fsdp_bf16", "dcp", "ddp", "ddp_bf16")
+         for check in ("fsdp", "fsdp_bf16", "dcp", "ddp", "ddp_bf16", "local")
          if e.supports_bf16 or not check.endswith("bf16")]
 
 
@@ -66,6 +66,21 @@ def test_unknown_distributed_mode_is_rejected_before_any_change():
         opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))],
                              "distributed_mode": "approximate"})
     assert len(opt.param_groups) == 1
+
+
+def test_local_mode_on_plain_parameters_is_the_ordinary_step():
+    """``distributed_mode="local"`` only changes how DTensor parameters are stepped."""
+    torch.manual_seed(0)
+    p, q = (torch.nn.Parameter(torch.randn(4, 3)) for _ in range(2))
+    q.data.copy_(p.data)
+    a = kaon.Adakaon([{"params": [p], "distributed_mode": "local"}], lr=1e-2)
+    b = kaon.Adakaon([q], lr=1e-2)
+    for _ in range(2):
+        p.grad = torch.ones_like(p)
+        q.grad = torch.ones_like(q)
+        a.step()
+        b.step()
+    assert torch.equal(p, q)
 
 
 def test_synchronize_seed_gives_every_rank_rank0s_seed(results):

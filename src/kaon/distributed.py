@@ -5,8 +5,7 @@ kaon's rules are written over plain tensors with a leading batch dimension. When
 ``Shard(0)`` piece per rank, uneven when the rows do not divide), :func:`kaon.engine.run_group`
 hands them to :func:`run_group` here. Plain parameters of the same group take the ordinary path.
 
-**How a sharded parameter is stepped (``distributed_mode="exact"``, the default and, in this
-version, the only mode).** Every rule of every kaon optimizer needs some statistic over the whole
+**How a sharded parameter is stepped (``distributed_mode="exact"``, the default).** Every rule of every kaon optimizer needs some statistic over the whole
 tensor (the factored column moment, ``mean(row)``, the RMS clip, cautious masking's mean, the
 int8 row scales are local but the 4-bit block scales are not, Newton-Schulz needs the whole
 matrix, KProdigy's slices and ``D``), so rather than re-deriving each rule for shards, the step of
@@ -47,9 +46,22 @@ steps the same plain tensors, so replicas stay bit-identical only if their gener
 ``seed=None`` takes ``torch.initial_seed()``, which differs between processes unless every rank
 called ``torch.manual_seed`` with the same value.
 
-The per-group key ``distributed_mode`` selects the strategy; ``"exact"`` is the only value
-accepted in this version (a shard-local approximation, ``"local"``, is reserved; see
-docs/distributed.md).
+The per-group key ``distributed_mode`` selects the strategy: ``"exact"`` (the default, above)
+or ``"local"``.
+
+**``distributed_mode="local"``.** Each rank runs the optimizer's rule on its own rows only:
+every ``Shard(0)`` DTensor of a 1-D mesh is handed to the ordinary engine as a plain stand-in
+(its local rows, sharing the shard's storage, with the local gradient and plain views of the
+state pieces), batched like any plain parameters; nothing is gathered. Per-row statistics stay
+exact (row second moments, int8 row scales, centralization's row mean) and elementwise rules
+give the single-process result; column moments, the RMS clip, cautious masking's mean, norms,
+4-bit block scales and Newton-Schulz become statistics of the shard (docs/distributed.md has
+the table). The statistics pass of KProdigy and Autokaon returns per-tensor sums; they are
+summed over the ranks (one ``all_reduce``), so ``D`` and the rate agree on every rank. Ranks
+whose shard is empty create the state and run nothing. State entries whose first dimension is
+the parameter's rows are ``Shard(0)`` over the global rows (the exact mode's layout); every
+other entry is the rank's own, stored flat in row ``rank`` of a ``[world, L]`` ``Shard(0)``
+DTensor. Parameters that are not ``Shard(0)`` on a 1-D mesh take the exact path.
 """
 
 from __future__ import annotations
@@ -379,6 +391,7 @@ def _run_local(opt: KaonOptimizer, group: dict, params: list[Tensor], statistics
         s = local(p).detach()
         s.grad = local(p.grad)
         opt.state[s] = {k: _engine_view(opt, p, k, v) for k, v in opt.state[p].items()}
+        _STAND_INS[id(s)] = p
         standins.append(s)
     runs: list[tuple[list[Tensor], Tensor]] = []
     try:
@@ -398,6 +411,7 @@ def _run_local(opt: KaonOptimizer, group: dict, params: list[Tensor], statistics
     finally:
         for s in standins:
             opt.state.pop(s, None)
+            _STAND_INS.pop(id(s), None)
             s.grad = None
     _store_local(opt, group, params, new_states)
     if statistics is None:
@@ -434,7 +448,7 @@ def _row_aligned_keys(opt: KaonOptimizer, group: dict, p: Tensor) -> set[str]:
     laying out two probe tensors of 3 and 5 rows): stored ``Shard(0)`` like the parameter."""
     shapes = []
     for rows in (3, 5):
-        probe = torch.zeros((rows, *p.shape[1:]), dtype=p.dtype)
+        probe = torch.zeros((rows, *p.shape[1:]), dtype=p.dtype, device=local(p).device)
         try:
             _, slots = engine._layout(opt, probe, group)
         finally:
@@ -501,6 +515,13 @@ def _store_local(opt: KaonOptimizer, group: dict, params: list[Tensor],
     shapes_of = [None] * torch.distributed.get_world_size(process_group)
     torch.distributed.all_gather_object(
         shapes_of, [tuple(v.shape) for _, _, v in values], group=process_group)
+    keys = [(id(p), key) for p, key, _ in values]
+    if any(len(col) != len(keys) for col in shapes_of):
+        raise ValueError(
+            f"{type(opt).__name__}: distributed_mode='local' gives the shards of a parameter "
+            "different state (the rule's layout depends on the shard's shape); use "
+            "distributed_mode='exact' for this optimizer or group"
+        )
     probed = {id(p): _row_aligned_keys(opt, group, p) for p in params}
     for i, (p, key, value) in enumerate(values):
         mesh, world = p.device_mesh, len(shapes_of)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from kaon import ops
+from kaon import distributed, ops
 from kaon.engine import Batch, Slot
 from kaon.optim.adamw import adam_direction, adam_state_slots, check_state_dtype, decoupled_decay_
 from kaon.optimizer import KaonOptimizer
@@ -212,8 +212,8 @@ class Muon(KaonOptimizer):
     def orthogonalized(self, p: Tensor, group: dict[str, Any]) -> bool:
         """Whether ``p`` takes the orthogonalized path under ``group``'s ``muon`` key."""
         route = group["muon"]
-        if route is None:
-            return is_hidden_matrix(p.shape)
+        if route is None:  # by the whole tensor's shape (a FSDP2 shard's stand-in: its DTensor)
+            return is_hidden_matrix(distributed.original(p).shape)
         if route and p.ndim < 2:
             raise ValueError(
                 f"Muon: a parameter of shape {tuple(p.shape)} is in a group with muon=True, but "
