@@ -409,7 +409,9 @@ def check_local(entry, rank, path):
         agree_across_ranks(group_scalars(opt) + group_scalars(ref), "group scalars")
     elif not rel <= LOCAL_TOLERANCE:
         PROBLEMS.append(f"relative difference {rel:.3g} > {LOCAL_TOLERANCE}")
-    agree_across_ranks(group_scalars(opt), "group scalars")  # KProdigy's D, Autokaon's rate
+    agree_across_ranks(group_scalars(opt), "group scalars")  # KProdigy's D (in the groups)
+    agree_across_ranks([repr(v) for _, v in sorted(getattr(opt, "_tuner", {}).items())],
+                       "Autokaon's tuner")  # its rate d, d_max, numerator, k
     LOCAL_METRICS[entry.name] = {"rel": rel, "bit_exact": same, "loss_before": before, "loss_after": after,
                                  "loss_ref": ref_after}
     # DCP: save, load into a fresh local-mode optimizer (other weights), continue bit for bit
