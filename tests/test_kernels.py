@@ -136,6 +136,18 @@ def assert_state_close(fused, ref, params_f, params_r, rtol=1e-6):
                 assert rel(a, b) <= rtol, (key, rel(a, b))
 
 
+def step_pair_and_compare_steps(ref, params_r, fused, params_f, seed):
+    """One step of the reference and the fused optimizer on the same gradients (``seed``);
+    their steps must agree (:func:`assert_step_close`)."""
+    before = [p.detach().clone() for p in params_r]
+    set_grads(params_r, seed)
+    set_grads(params_f, seed)
+    ref.step()
+    fused.step()
+    for b, pr, pf in zip(before, params_r, params_f):
+        assert_step_close(b, pr, pf)
+
+
 def assert_kernels_ran(opt) -> None:
     """Every chunk of the optimizer's plans ran fused (none was declined)."""
     chunks = [c for cache in opt._plans.values() for plan in cache.values() for c in plan]
@@ -212,14 +224,8 @@ def test_automatic_choice_waits_for_gpu_validation(monkeypatch):
 def test_one_step_matches_the_reference(cls, kw):
     # AdaPNM alternates its momentum buffers by step parity: step 3 here; step 2 below
     ref, params_r, fused, params_f = warmed_pair(cls, kw)
-    before = [p.detach().clone() for p in params_r]
-    set_grads(params_r, 5)
-    set_grads(params_f, 5)
-    ref.step()
-    fused.step()
+    step_pair_and_compare_steps(ref, params_r, fused, params_f, 5)
     assert_kernels_ran(fused)
-    for b, pr, pf in zip(before, params_r, params_f):
-        assert_step_close(b, pr, pf)
     assert_state_close(fused, ref, params_f, params_r)
 
 
@@ -227,13 +233,7 @@ def test_one_step_matches_the_reference(cls, kw):
 @pytest.mark.parametrize("kw", ADAPNM[:3])
 def test_adapnm_even_step_matches_the_reference(kw):
     ref, params_r, fused, params_f = warmed_pair(kaon.AdaPNM, kw, steps=1, shapes=SMALL)
-    before = [p.detach().clone() for p in params_r]
-    set_grads(params_r, 5)
-    set_grads(params_f, 5)
-    ref.step()
-    fused.step()
-    for b, pr, pf in zip(before, params_r, params_f):
-        assert_step_close(b, pr, pf)
+    step_pair_and_compare_steps(ref, params_r, fused, params_f, 5)
     assert_state_close(fused, ref, params_f, params_r)
 
 
@@ -266,13 +266,7 @@ def test_tiled_regime_matches_the_reference(cls, kw, monkeypatch):
     ref, params_r, fused, params_f = warmed_pair(cls, kw, steps=1, shapes=shapes)
     geo = rules.ChunkKernel.geometry(type("C", (), {"view": (60, 160), "params": [0]})())
     assert geo["T"] > 1 and geo["RPP"] > geo["BR"] and geo["F"] > 1 and geo["EPP"] > geo["BLOCK"]
-    before = [p.detach().clone() for p in params_r]
-    set_grads(params_r, 7)
-    set_grads(params_f, 7)
-    ref.step()
-    fused.step()
-    for b, pr, pf in zip(before, params_r, params_f):
-        assert_step_close(b, pr, pf)
+    step_pair_and_compare_steps(ref, params_r, fused, params_f, 7)
     assert_state_close(fused, ref, params_f, params_r)
 
 
@@ -491,14 +485,8 @@ def adamw_pair(kw, steps, shapes=SHAPES, dtype=torch.float32):
 @pytest.mark.parametrize("kw", ADAMW)
 def test_adamw_quantized_state_matches_the_reference(kw):
     ref, params_r, fused, params_f = adamw_pair(kw, steps=2)
-    before = [p.detach().clone() for p in params_r]
-    set_grads(params_r, 5)
-    set_grads(params_f, 5)
-    ref.step()
-    fused.step()
+    step_pair_and_compare_steps(ref, params_r, fused, params_f, 5)
     assert_kernels_ran(fused)
-    for b, pr, pf in zip(before, params_r, params_f):
-        assert_step_close(b, pr, pf)
     for pf, pr in zip(params_f, params_r):
         assert sorted(fused.state[pf]) == sorted(ref.state[pr])
         for key, b in ref.state[pr].items():
