@@ -316,6 +316,20 @@ def step_both(opt, ref, p: torch.Tensor, grads: Iterable[torch.Tensor],
             check()
 
 
+def quantized_momentum_run(opt_cls, ref_cls, momentum: str, steps: int):
+    """A kaon optimizer with ``momentum_dtype=momentum`` (4-bit block 64) and its reference
+    with the same codec, stepped ``steps`` times from the same [32, 40] weights with the same
+    gradients; returns ``(p, q)``, the optimizer's and the reference's weights."""
+    torch.manual_seed(2)
+    shape = (32, 40)
+    p = torch.nn.Parameter(torch.randn(shape))
+    q = p.detach().clone()
+    ref = ref_cls(q, lr=1e-2, momentum=momentum, block=64)
+    opt = opt_cls([p], lr=1e-2, momentum_dtype=momentum, momentum_4bit_block=64)
+    step_both(opt, ref, p, grads_for(shape, steps))
+    return p.detach(), q
+
+
 
 class Adafactor8BitReference:
     """Adafactor8Bit without quantization on one fp32 tensor, from the written rule.
