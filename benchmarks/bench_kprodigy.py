@@ -1,12 +1,17 @@
 """KProdigy vs ``prodigyopt.Prodigy``: median ``step()`` time on CPU, in the same run.
 
-Shapes: ``kaon.bench.suite_shapes("llm", quick=True)`` (an LLM-like stack, 4.2M parameters) and
-``("lora", quick=True)`` (1,434 LoRA factors of SDXL's UNet, about 21M parameters); fixed random
+Shapes: ``kaon.bench.suite_shapes("llm", quick=True)`` (an LLM-like stack, 4.2M parameters; with
+``--full`` the 56M-parameter stack of ``kaon bench``) and ``("lora", quick=True)`` (1,434 LoRA
+factors of SDXL's UNet, about 21M parameters); fixed random
 gradients, fp32 parameters, only ``step()`` is timed (as ``kaon bench`` does). Prints the median
 step time of each optimizer and the ratio to Prodigy (< 1: faster). The optimizers step in turn, so a
 busy machine slows them alike; still, repeat and compare ratios, not absolute times.
 
+Rows: Prodigy, KProdigy (eager), KProdigy ``compile=True`` (the compiled kernels; they compile
+during the warm-up steps), and the memory recipe.
+
     python benchmarks/bench_kprodigy.py [--steps 10] [--warmup 3] [--threads 2] [--repeat 1]
+                                        [--full]
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--full", action="store_true",
+                        help="the full LLM-like stack of kaon bench (56M parameters)")
     args = parser.parse_args()
     from prodigyopt import Prodigy
 
@@ -58,13 +65,14 @@ def main() -> None:
     configs = {
         "prodigyopt.Prodigy": lambda ps: Prodigy(ps),
         "KProdigy": lambda ps: kaon.KProdigy(ps),
+        "KProdigy compile=True": lambda ps: kaon.KProdigy(ps, compile=True),
         "KProdigy factored 4bit slice_p=11": lambda ps: kaon.KProdigy(
             ps, second_moment="factored", momentum_dtype="4bit", slice_p=11),
     }
     print(f"torch {torch.__version__}, {args.threads} threads, {args.steps} timed steps")
     for repeat in range(args.repeat):
         for suite in ("llm", "lora"):
-            shapes = bench.suite_shapes(suite, quick=True)
+            shapes = bench.suite_shapes(suite, quick=not (args.full and suite == "llm"))
             times = step_times(configs, shapes, args.steps, args.warmup)
             base = times["prodigyopt.Prodigy"]
             row = ", ".join(f"{name} {t * 1e3:.1f} ms ({t / base:.2f}x)"

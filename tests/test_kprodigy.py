@@ -293,3 +293,80 @@ def test_docs_page_example_runs_and_documents_every_argument_and_state_key():
     for key in ("`s`", "`p0`", "`m`", "`m_scale`", "`v`", "`row`", "`col`", "`shift`", "`d`",
                 "`d_max`", "`d_numerator`", "`d_hat`", "`k`"):
         assert key in text, key
+
+
+# ------------------------------------------------------------------ compile=True (inductor)
+def compiled_or_skip():
+    from kaon.kernels import compiled
+
+    if not compiled.available("cpu"):
+        pytest.skip("torch.compile does not work on this machine (no C++ compiler?)")
+
+
+COMPILED_PARITY = {
+    "defaults": {},
+    "slice_p-wd-bias": {"slice_p": 5, "weight_decay": 0.01, "use_bias_correction": True},
+}
+
+
+@pytest.mark.parametrize("kwargs", COMPILED_PARITY.values(), ids=COMPILED_PARITY.keys())
+def test_compiled_kernels_match_prodigyopt(kwargs):
+    """The compiled passes fuse the arithmetic (contracted multiply-adds, their own summation
+    order), so they are not bit-identical to the eager rule, but they track the reference as
+    closely: D within 3e-6 relative (1.4e-6 measured), weights within 1e-6 absolute."""
+    compiled_or_skip()
+    ps_ref, ds_ref, losses_ref = reference(**kwargs)
+    ps, ds, losses = trajectory(lambda params: kaon.KProdigy(params, compile=True, **kwargs))
+    assert ds_ref[-1] > 10 * ds_ref[0]
+    assert relative_d_error(ds_ref, ds) <= 3e-6
+    assert max_abs_error(ps_ref, ps) <= 1e-6
+    assert abs(losses[-1] - losses_ref[-1]) <= 1e-5
+
+
+def test_compiled_kernels_run_and_share_the_state_format(monkeypatch):
+    """compile=True steps with the compiled kernels (not the eager rule), stays with the eager
+    run, keeps the same state keys and dtypes, and its checkpoint loads into the eager path."""
+    compiled_or_skip()
+    from kaon.kernels import compiled
+
+    requested = []
+    real = compiled.compiled
+    monkeypatch.setattr(compiled, "compiled", lambda fn: requested.append(fn.__name__) or real(fn))
+    eager = trajectory(lambda params: kaon.KProdigy(params), steps=5)
+    assert not requested
+    model = make_model()
+    opt = kaon.KProdigy(model.parameters(), compile=True)
+    for x, y in data(5):
+        opt.zero_grad()
+        (model(x) - y).pow(2).mean().backward()
+        opt.step()
+    assert {"kprodigy_statistics", "kprodigy_update"} == set(requested)
+    assert max_abs_error(eager[0], [p.detach() for p in model.parameters()]) <= 1e-6
+    plain = kaon.KProdigy(make_model().parameters())
+    plain.load_state_dict(opt.state_dict())
+    for a, b in zip(plain.state.values(), opt.state.values()):
+        assert {k: v.dtype for k, v in a.items()} == {k: v.dtype for k, v in b.items()}
+
+
+def test_compile_flag_is_validated():
+    with pytest.raises(TypeError, match="compile must be True or False"):
+        kaon.KProdigy(make_model().parameters(), compile="yes")
+
+
+def test_compiled_path_keeps_the_nonfinite_policy():
+    """A chunk with a non-finite gradient runs the eager rule, which skips that tensor."""
+    compiled_or_skip()
+    gen = torch.Generator().manual_seed(0)
+    a, b = (nn.Parameter(torch.randn(32, 16, generator=gen)) for _ in range(2))
+    opt = kaon.KProdigy([a, b], compile=True)
+    for step in range(3):
+        a.grad = torch.randn(32, 16, generator=gen)
+        b.grad = torch.randn(32, 16, generator=gen)
+        if step == 2:
+            b.grad[3, 4] = float("nan")
+            before_b, before_a = b.detach().clone(), a.detach().clone()
+            state_b = {k: v.clone() for k, v in opt.state[b].items()}
+        opt.step()
+    assert torch.equal(b, before_b) and not torch.equal(a, before_a)
+    assert all(torch.equal(v, state_b[k]) for k, v in opt.state[b].items())
+    assert all(torch.isfinite(p).all() for p in (a, b))

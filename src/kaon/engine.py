@@ -22,9 +22,10 @@ is per slice and order-independent, see :mod:`kaon.ops`).
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from collections import OrderedDict
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     from kaon.optimizer import KaonOptimizer
 
 __all__ = ["Slot", "Batch", "Workspace", "run_group", "stack_budget", "effective_cutoff",
-           "chunk_state"]
+           "chunk_state", "gradients_checked_once"]
 
 SHIFT = "shift"
 _MAX_PLANS_PER_GROUP = 8
@@ -82,10 +83,15 @@ class Batch:
     ``"skip"``), else a bool ``[N]`` tensor: the engine masks the step and the state of the
     tensors flagged false itself; a statistics rule (see :func:`run_group`) uses it to keep
     their contribution out of its statistics.
+
+    ``param_writable`` is True when ``param`` is the live fp32 parameter itself (a chunk of one
+    contiguous fp32 tensor whose gradient is finite): a fused rule may then write
+    ``p - delta`` into ``param`` and return ``None`` as its delta, saving the engine's separate
+    write-back pass (exactly the fp32 write-back the engine would do).
     """
 
     __slots__ = ("grad", "state", "group", "params", "view", "slots", "finite", "_param",
-                 "_workspace", "_same_shape")
+                 "_workspace", "_same_shape", "param_writable")
 
     def __init__(self, grad, state, group, params, view, workspace=None,
                  same_shape: bool | None = None, slots: dict[str, Slot] | None = None,
@@ -99,6 +105,7 @@ class Batch:
         self.finite: Tensor | None = finite
         self._param: Tensor | None = None
         self._workspace: Workspace | None = workspace
+        self.param_writable: bool = False
         if same_shape is None:
             same_shape = all(p.shape == params[0].shape for p in params)
         self._same_shape = same_shape
@@ -378,6 +385,21 @@ def run_group(opt: KaonOptimizer, group: dict, params: list[Tensor], *,
     return []
 
 
+@contextlib.contextmanager
+def gradients_checked_once(opt: KaonOptimizer) -> Iterator[None]:
+    """Within the block, the ``nonfinite_grad="skip"`` check of each chunk's gradients runs
+    once and later passes reuse its result.
+
+    For optimizers that run several passes over the same gradients in one step (a statistics
+    pass, then the update pass): the gradients must not change inside the block.
+    """
+    opt._finite_memo = {}
+    try:
+        yield
+    finally:
+        opt._finite_memo = None
+
+
 def chunk_state(opt: KaonOptimizer, chunk: _Chunk) -> dict[str, Tensor]:
     """The stored state of a chunk by state key, as ``[N, ...]`` tensors whose slices are the
     tensors in ``opt.state`` (a chunk of one: views of them; a batched chunk: its packed
@@ -445,9 +467,15 @@ def _run_chunk(opt: KaonOptimizer, group: dict, chunk: _Chunk,
 
     finite = None
     if opt.nonfinite_grad == "skip":
-        finite = torch.isfinite(ops.sum(grad.reshape(len(params), -1)))
-        if finite.device.type == "cpu" and bool(finite.all()):
-            finite = None  # nothing to mask; on CPU this check costs no device sync
+        memo = getattr(opt, "_finite_memo", None)
+        if memo is not None and id(chunk) in memo:
+            finite = memo[id(chunk)]  # checked by an earlier pass of this step
+        else:
+            finite = torch.isfinite(ops.sum(grad.reshape(len(params), -1)))
+            if finite.device.type == "cpu" and bool(finite.all()):
+                finite = None  # nothing to mask; on CPU this check costs no device sync
+            if memo is not None:
+                memo[id(chunk)] = finite
 
     decoded = {}
     for slot in slots:
@@ -463,6 +491,9 @@ def _run_chunk(opt: KaonOptimizer, group: dict, chunk: _Chunk,
         decoded[slot.name] = value
     batch = Batch(grad, decoded, group, params, view, opt._workspace, chunk.same_shape,
                   {slot.name: slot for slot in slots}, finite)
+    batch.param_writable = (statistics is None and finite is None and len(params) == 1
+                            and params[0].dtype == torch.float32
+                            and params[0].is_contiguous())
     if statistics is not None:
         stats, new_state = statistics(batch)
         for slot in slots:
@@ -472,17 +503,22 @@ def _run_chunk(opt: KaonOptimizer, group: dict, chunk: _Chunk,
                     _store(_keep_where(finite, tensor, stored[key]), stored[key])
         return stats
     delta, new_state = opt.update(batch)
-    if finite is not None:
-        delta = torch.where(finite.view(-1, *([1] * len(view))), delta, 0.0)
-
-    # parameters first: encoding may reuse the rule's fp32 outputs as scratch space
     shift = stored.get(SHIFT)
-    low_precision = params[0].dtype in precision.LOW_PRECISION
-    new_shift = precision.apply_step(
-        params, delta, group.get("bf16_method", "stochastic_rounding"),
-        opt._generator(params[0].device),
-        batch.param if low_precision else None, shift,
-    )
+    new_shift = None
+    if delta is None:  # the rule wrote p - delta into batch.param itself (param_writable)
+        if not batch.param_writable:
+            raise RuntimeError(f"{type(opt).__name__}: the update rule returned no step for a "
+                               "batch whose parameters it may not write")
+    else:
+        if finite is not None:
+            delta = torch.where(finite.view(-1, *([1] * len(view))), delta, 0.0)
+        # parameters first: encoding may reuse the rule's fp32 outputs as scratch space
+        low_precision = params[0].dtype in precision.LOW_PRECISION
+        new_shift = precision.apply_step(
+            params, delta, group.get("bf16_method", "stochastic_rounding"),
+            opt._generator(params[0].device),
+            batch.param if low_precision else None, shift,
+        )
     for slot in slots:
         if slot.name == SHIFT:
             continue

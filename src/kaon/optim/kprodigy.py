@@ -11,6 +11,7 @@ from torch import Tensor
 
 from kaon import engine, ops
 from kaon.engine import Batch, Slot
+from kaon.kernels import compiled
 from kaon.optimizer import KaonOptimizer
 from kaon.precision import BF16_METHODS
 from kaon.state import factored
@@ -107,6 +108,15 @@ class KProdigy(KaonOptimizer):
             :class:`kaon.optimizer.KaonOptimizer`. With ``nonfinite_grad="skip"`` a tensor with
             a non-finite gradient adds nothing to the numerator and its unchanged ``||s||_1`` to
             ``D``.
+        compile (bool, default False): run the statistics pass and the update pass (full second
+            moment, without cautious masking) as compiled kernels
+            (:mod:`kaon.kernels.compiled`, ``torch.compile``): each pass reads and writes every
+            tensor once instead of once per operation, about 2x faster on the CPU. Needs a
+            working ``torch.compile`` (a C++ compiler on the CPU; ``RuntimeError`` at
+            construction otherwise); the first steps compile (seconds). Same state and
+            checkpoints; results equal the eager path up to rounding (within 1e-6 of
+            ``prodigyopt`` over the parity runs). Other settings, and chunks with a non-finite
+            gradient, run the eager rule.
 
     State per parameter (the checkpoint format), with ``n = ceil(numel / slice_p)``: ``s`` fp32
     ``[n]``; ``p0`` fp32 ``[n]`` (the initial slice; ``[1]`` zero when that slice is all zero,
@@ -187,7 +197,10 @@ class KProdigy(KaonOptimizer):
         foreach_stack_budget: int | None = None,
         nonfinite_grad: str = "skip",
         seed: int | None = None,
+        compile: bool = False,
     ) -> None:
+        if not isinstance(compile, bool):
+            raise TypeError(f"KProdigy: compile must be True or False; got {compile!r}")
         if independent_d is not None and not isinstance(independent_d, bool):
             raise TypeError(
                 f"KProdigy: independent_d must be None, True or False; got {independent_d!r}"
@@ -209,6 +222,15 @@ class KProdigy(KaonOptimizer):
             params, defaults, foreach=foreach, foreach_batch_cutoff=foreach_batch_cutoff,
             foreach_stack_budget=foreach_stack_budget, nonfinite_grad=nonfinite_grad, seed=seed,
         )
+        if compile:
+            devices = {p.device.type for g in self.param_groups for p in g["params"]}
+            missing = sorted(d for d in devices if not compiled.available(d))
+            if missing:
+                raise RuntimeError(
+                    f"KProdigy: compile=True needs a working torch.compile on {missing} (on the "
+                    "CPU a C++ compiler, on CUDA Triton); use compile=False"
+                )
+        self.compile = compile
 
     # ------------------------------------------------------------------------ bookkeeping
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -222,6 +244,7 @@ class KProdigy(KaonOptimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("independent_d", None)
+        self.__dict__.setdefault("compile", False)
         self._scalars = {}
 
     def get_d(self, group: int = 0) -> float:
@@ -260,7 +283,12 @@ class KProdigy(KaonOptimizer):
         gradients enabled and its result returned.
         """
         loss, collected = self._begin_step(closure)
-        work = {id(g): params for g, params in collected}
+        with engine.gradients_checked_once(self):  # both passes read the same gradients
+            self._step_scopes({id(g): params for g, params in collected})
+        return loss
+
+    def _step_scopes(self, work: dict[int, list[Tensor]]) -> None:
+        """The statistics pass, the D update and the update pass of every D scope."""
         groups = self.param_groups
         if self.uses_independent_d():
             scopes = [[g] for g in groups]
@@ -336,7 +364,6 @@ class KProdigy(KaonOptimizer):
             for g in scope:
                 g["k"] = k
         self._scalars.clear()
-        return loss
 
     def _statistics_of(self, group: dict[str, Any], params: list[Tensor]) -> Tensor:
         """``[len(params with elements), 2]`` fp32 (dot, ||s||_1) rows in the group's order."""
@@ -398,8 +425,12 @@ class KProdigy(KaonOptimizer):
         group, state, n = batch.group, batch.state, batch.size
         scalars = self._scalars[id(group)]
         slice_p = group["slice_p"]
-        g_s = self._gradient(batch).reshape(n, -1)[:, ::slice_p]
-        p_s = batch.param.reshape(n, -1)[:, ::slice_p]
+        g, p = self._gradient(batch).reshape(n, -1), batch.param.reshape(n, -1)
+        if self.compile and batch.finite is None:
+            k = compiled.scalars((scalars["beta3"], scalars["s_coef"]), g)
+            kernel = compiled.compiled(compiled.kprodigy_statistics)
+            return kernel(g, p, state["p0"], state["s"], k, slice_p), {"s": state["s"]}
+        g_s, p_s = g[:, ::slice_p], p[:, ::slice_p]
         diff = self._workspace.take("kprodigy:diff", g_s.shape, g_s.device)
         dot = ops.dot(torch.sub(state["p0"], p_s, out=diff), g_s)
         s = state["s"]
@@ -421,6 +452,9 @@ class KProdigy(KaonOptimizer):
         g = self._gradient(batch)
         # the D statistics are the statistics pass's; stored back as they are (no copy)
         new_state: dict[str, Tensor] = {"s": state["s"], "p0": state["p0"]}
+        if (self.compile and batch.finite is None and "v" in state
+                and not group["cautious"]):
+            return self._compiled_update(batch, g, new_state)
 
         den = batch.scratch("den")
         if "row" in state:
@@ -461,3 +495,30 @@ class KProdigy(KaonOptimizer):
         if group["cautious"]:
             delta = ops.cautious(delta, g, out=den)
         return delta, new_state
+
+    def _compiled_update(self, batch: Batch, g: Tensor, new_state: dict[str, Tensor]
+                         ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """The update pass (full second moment, no cautious masking) as one compiled kernel
+        (:func:`kaon.kernels.compiled.kprodigy_update`); same state, same formulas."""
+        group, state, n = batch.group, batch.state, batch.size
+        scalars = self._scalars[id(group)]
+        d, d_new, dlr = scalars["d"], scalars["d_new"], scalars["dlr"]
+        beta1, beta2 = group["betas"]
+        momentum = beta1 > 0
+        quantized = momentum and self._momentum_dtype(batch.params[0], group) in _QUANTIZED
+        decay = group["weight_decay"] != 0 and group["decouple"]
+        k = compiled.scalars(
+            (beta1, d * (1 - beta1), beta2, d * d * (1 - beta2), d_new * group["eps"],
+             dlr if momentum else dlr * d_new, d, d_new, group["weight_decay"] * dlr), g)
+        kernel = compiled.compiled(compiled.kprodigy_update)
+        # the live fp32 weights when the engine allows it: the kernel writes p - delta itself
+        write = batch.param_writable
+        p = batch.param.view(n, -1) if write else batch.param.reshape(n, -1) if decay else None
+        # views (never copies) of the state, which the kernel updates in place
+        delta = kernel(g.reshape(n, -1), state["v"].view(n, -1),
+                       state["m"].view(n, -1) if momentum else None, p, k, quantized, decay,
+                       write)
+        new_state["v"] = state["v"]
+        if momentum:
+            new_state["m"] = state["m"]
+        return (None if delta is None else delta.view(g.shape)), new_state
