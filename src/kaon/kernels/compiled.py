@@ -21,6 +21,7 @@ reference implementations.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,7 +29,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["available", "compiled", "scalars", "kprodigy_statistics", "kprodigy_update"]
+__all__ = ["available", "compiled", "allow_graphs", "scalars", "kprodigy_statistics", "kprodigy_update"]
 
 
 @functools.cache
@@ -55,17 +56,16 @@ RECOMPILE_LIMIT = 64
 def compiled(fn: Callable) -> Callable:
     """``fn`` compiled with dynamic shapes and without graph breaks (cached per function).
 
-    A kernel legitimately has a graph per combination of its flags (and per specialized size),
-    more than dynamo's default limit of 8 per function, so calls raise that limit.
+    Call it inside :func:`allow_graphs`: a kernel legitimately has a graph per combination of
+    its flags (and per specialized size), more than dynamo's default limit of 8 per function.
     """
-    kernel = torch.compile(fn, dynamic=True, fullgraph=True)
+    return torch.compile(fn, dynamic=True, fullgraph=True)
 
-    @functools.wraps(fn)
-    def call(*args: object) -> object:
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            return kernel(*args)
 
-    return call
+def allow_graphs() -> contextlib.AbstractContextManager:
+    """A context (one per optimizer step: entering it costs microseconds) in which a compiled
+    kernel may keep up to :data:`RECOMPILE_LIMIT` graphs."""
+    return torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)
 
 
 def scalars(values: Sequence[float], like: Tensor) -> Tensor:

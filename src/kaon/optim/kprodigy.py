@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -283,7 +284,8 @@ class KProdigy(KaonOptimizer):
         gradients enabled and its result returned.
         """
         loss, collected = self._begin_step(closure)
-        with engine.gradients_checked_once(self):  # both passes read the same gradients
+        kernels = compiled.allow_graphs() if self.compile else contextlib.nullcontext()
+        with engine.gradients_checked_once(self), kernels:  # both passes read the gradients
             self._step_scopes({id(g): params for g, params in collected})
         return loss
 
