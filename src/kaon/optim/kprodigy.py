@@ -446,7 +446,7 @@ class KProdigy(KaonOptimizer):
             norm = ops.sum(torch.abs(s, out=diff))
         return torch.stack((dot, norm), dim=-1), {"s": s}
 
-    def update(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+    def update(self, batch: Batch) -> tuple[Tensor | None, dict[str, Tensor]]:
         group, state = batch.group, batch.state
         scalars = self._scalars[id(group)]
         d, d_new, dlr = scalars["d"], scalars["d_new"], scalars["dlr"]
@@ -473,20 +473,27 @@ class KProdigy(KaonOptimizer):
             torch.sqrt(v, out=den)
         den.add_(d_new * group["eps"])
 
-        # (scale * numerator) / den in one pass, rounded as the reference's addcdiv_
-        delta = batch.scratch("delta")
-        zero = torch.zeros((), device=den.device)
+        numerator, scale = g, dlr * d_new
         if beta1 > 0:
             m = state["m"]
             quantized = self._momentum_dtype(batch.params[0], group) in _QUANTIZED
             if quantized:
                 m.mul_(d)  # stored as m / d (the d that is current at the next step)
-            m.mul_(beta1).add_(g, alpha=d * (1 - beta1))
-            delta = torch.addcdiv(zero, m, den, value=dlr, out=delta)
+            numerator, scale = m.mul_(beta1).add_(g, alpha=d * (1 - beta1)), dlr
+        decay = group["weight_decay"] != 0 and group["decouple"]
+        if batch.param_writable and not decay and not group["cautious"]:
+            # the reference's own write, p + (-scale) m / den, straight into the live fp32
+            # weights (the same rounding as the engine's p - delta, one pass less)
+            batch.param.addcdiv_(numerator, den, value=-scale)
+            if beta1 > 0:
+                new_state["m"] = m.div_(d_new) if quantized else m
+            return None, new_state
+        # (scale * numerator) / den in one pass, rounded as the reference's addcdiv_
+        zero = torch.zeros((), device=den.device)
+        delta = torch.addcdiv(zero, numerator, den, value=scale, out=batch.scratch("delta"))
+        if beta1 > 0:
             new_state["m"] = m.div_(d_new) if quantized else m
-        else:
-            delta = torch.addcdiv(zero, g, den, value=dlr * d_new, out=delta)
-        if group["weight_decay"] != 0 and group["decouple"]:
+        if decay:
             # the reference decays first and steps second, rounding twice:
             # p2 = (p - wd dlr p) - step. delta = p - p2 makes the engine's p - delta exactly p2
             # wherever the subtraction is exact (the step is under half of |p|: Sterbenz)
