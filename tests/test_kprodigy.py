@@ -370,3 +370,19 @@ def test_compiled_path_keeps_the_nonfinite_policy():
     assert torch.equal(b, before_b) and not torch.equal(a, before_a)
     assert all(torch.equal(v, state_b[k]) for k, v in opt.state[b].items())
     assert all(torch.isfinite(p).all() for p in (a, b))
+
+
+def test_gradients_are_checked_once_per_step(monkeypatch):
+    """The update pass reuses the statistics pass's non-finite check of each chunk."""
+    model = make_model()
+    opt = kaon.KProdigy(model.parameters())
+    x, y = next(data(1))
+    (model(x) - y).pow(2).mean().backward()
+    opt.step()  # plans built
+    calls = []
+    real = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: calls.append(1) or real(t))
+    opt.step()
+    chunks = len(next(iter(opt._plans[(id(opt.param_groups[0]), False)].values())))
+    assert len(calls) == chunks
+    assert opt._finite_memo is None  # the memo lives only inside a step

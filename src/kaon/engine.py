@@ -468,14 +468,16 @@ def _run_chunk(opt: KaonOptimizer, group: dict, chunk: _Chunk,
     finite = None
     if opt.nonfinite_grad == "skip":
         memo = getattr(opt, "_finite_memo", None)
-        if memo is not None and id(chunk) in memo:
-            finite = memo[id(chunk)]  # checked by an earlier pass of this step
+        seen = memo.get(id(chunk)) if memo is not None else None
+        if seen is not None and seen[0] is chunk:
+            finite = seen[1]  # checked by an earlier pass of this step
         else:
             finite = torch.isfinite(ops.sum(grad.reshape(len(params), -1)))
             if finite.device.type == "cpu" and bool(finite.all()):
                 finite = None  # nothing to mask; on CPU this check costs no device sync
             if memo is not None:
-                memo[id(chunk)] = finite
+                # the chunk is kept alive with its result, so its id cannot be reused meanwhile
+                memo[id(chunk)] = (chunk, finite)
 
     decoded = {}
     for slot in slots:
