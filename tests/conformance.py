@@ -155,6 +155,8 @@ OPTIMIZERS += [
         (dict(freeze_patience=0), ValueError, "freeze_patience"),
         (dict(lr_cap="big"), TypeError, "lr_cap"),
         (dict(slice_p=0), ValueError, "slice_p"),
+        (dict(probe_restart="yes"), TypeError, "probe_restart"),
+        (dict(probe_patience=0), ValueError, "probe_patience"),
         (dict(betas=(1.0, 0.999)), ValueError, "betas[0]"),
     ]),
     # frozen after two steps: the rest of the suite then runs plain Adakaon through Autokaon

@@ -43,17 +43,22 @@ def params(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def test_tuner_matches_a_plain_reference():
-    """The discovered rate equals a plain re-implementation driving a plain Adakaon."""
+@pytest.mark.parametrize("restart", [True, False], ids=["probe_restart", "no_restart"])
+def test_tuner_matches_a_plain_reference(restart):
+    """The discovered rate equals a plain re-implementation driving a plain Adakaon; with
+    ``probe_restart`` the reference starts a fresh Adakaon (its statistics carry on) once the
+    rate has not grown for three steps."""
     model_a, x, y = model_and_data()
     model_b = copy.deepcopy(model_a)
     d0 = 1e-4
-    opt_a = kaon.Autokaon(model_a.parameters(), lr_freeze=None, d0=d0, d_coef=3.0)
+    opt_a = kaon.Autokaon(model_a.parameters(), lr_freeze=None, d0=d0, d_coef=3.0,
+                          probe_restart=restart)
     opt_b = kaon.Adakaon(model_b.parameters(), lr=d0)
     p0 = params(model_b)
     s = [torch.zeros_like(p, dtype=torch.float64) for p in p0]
     d, d_max, r = d0, d0, 0.0
     beta3 = math.sqrt(0.999)
+    probe_end, stall = None, 0
     for i in range(30):
         run(model_a, opt_a, x, y, 1, start=i)
         idx = torch.arange(i * 64, i * 64 + 64) % x.shape[0]
@@ -67,10 +72,16 @@ def test_tuner_matches_a_plain_reference():
         s = [beta3 * si + w * g for si, g in zip(s, grads)]
         denominator = sum(float(si.abs().sum()) for si in s)
         d_max = max(d_max, 3.0 * r / denominator)
-        d = min(d_max, 1.0)
+        before, d = d, min(d_max, 1.0)
         opt_b.param_groups[0]["lr"] = d
         opt_b.step()
+        stall = stall + 1 if d0 < d <= before else 0
+        if probe_end is None and stall == 3:  # probe_patience
+            probe_end = i + 1
+            if restart:  # a fresh Adakaon; the tuner's statistics carry on
+                opt_b = kaon.Adakaon(model_b.parameters(), lr=d)
         assert opt_a.get_d() == pytest.approx(d, rel=1e-4), i
+    assert opt_a._tuner["probe_end"] == probe_end is not None  # the probe did end here
     for a, b in zip(model_a.parameters(), model_b.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
     assert opt_a.get_d() > 10 * d0  # it moved: the reference is not trivially equal
@@ -175,6 +186,49 @@ def test_discovery_is_real_and_independent_of_the_cap():
     opt = kaon.Autokaon(model.parameters(), d0=1e-4, d_coef=1.0)
     run(model, opt, x, y, steps)
     assert best_lr / 10 <= opt.frozen_lr <= best_lr / 2
+
+
+def _quadratic_rate(scale, **kwargs):
+    """The rate Autokaon freezes at on ``0.5 sum(h (x - scale t)^2)`` from ``x = 0``, with
+    gradient noise of the same scale: rescaling the problem by ``scale`` rescales the rate a
+    normalized-step method needs (its steps are ``lr`` per coordinate)."""
+    gen = torch.Generator().manual_seed(3)
+    target = scale * torch.randn(256, generator=gen)
+    curvature = torch.rand(256, generator=gen) + 0.5
+    x = nn.Parameter(torch.zeros(256))
+    opt = kaon.Autokaon([x], **kwargs)
+    for _ in range(150):
+        x.grad = curvature * (x.detach() - target) + 0.3 * scale * torch.randn(256, generator=gen)
+        opt.step()
+    assert opt.is_frozen()
+    return opt.frozen_lr
+
+
+def test_discovered_rate_tracks_a_rescaled_problem():
+    """The discovery is real: a problem 10x larger (optimum 10x farther, noise 10x larger)
+    gets a rate about 10x larger; the cap (far above both) does not decide it."""
+    near, far = _quadratic_rate(1e-3), _quadratic_rate(1e-2)
+    assert 1e-4 < near < far < 0.1  # left d0 = 1e-6, far below the cap
+    assert 5.0 <= far / near <= 20.0, (near, far)
+    assert _quadratic_rate(1e-2, lr_cap=4.0) == _quadratic_rate(1e-2, lr_cap=0.25) == far
+
+
+def test_probe_restart_gives_a_fresh_adakaon_state():
+    """At the end of the probe Adakaon's momentum and second moment restart (the tuner's
+    statistics do not); with probe_restart=False they carry on."""
+    for restart in (True, False):
+        model, x, y = model_and_data()
+        opt = kaon.Autokaon(model.parameters(), lr_freeze=None, d0=1e-4, probe_restart=restart)
+        i = 0
+        while opt._tuner["probe_end"] is None:
+            run(model, opt, x, y, 1, start=i)
+            i += 1
+            assert i < 100
+        state = opt.state[model[0].weight]
+        assert state["s"].abs().sum() > 0 and not torch.equal(state["p0"], torch.zeros_like(
+            state["p0"]))
+        moments = [state[k].float().abs().sum() for k in ("m", "row", "col")]
+        assert all((m == 0) == restart for m in moments), (restart, moments)
 
 
 def test_auto_freeze_frees_the_reference_copy():

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from kaon.optimizer import KaonOptimizer
 
 __all__ = ["Slot", "Batch", "Workspace", "run_group", "stack_budget", "effective_cutoff",
-           "chunk_state", "gradients_checked_once"]
+           "chunk_state", "gradients_checked_once", "reset_state"]
 
 SHIFT = "shift"
 _MAX_PLANS_PER_GROUP = 8
@@ -268,17 +268,37 @@ def _layout(opt: KaonOptimizer, p: Tensor, group: dict) -> tuple[tuple[int, ...]
     return view, tuple(slots)
 
 
+def _initial_state(slot: Slot, p: Tensor) -> dict[str, Tensor]:
+    """The slot's initial stored tensors for ``p`` (zero, or ``slot.init(p)`` encoded)."""
+    if slot.init is None:
+        return slot.codec.init(slot.shape, p.device)
+    value = slot.init(p.detach()).to(torch.float32).reshape(slot.shape).clone()
+    stored = slot.codec.encode(value.unsqueeze(0))
+    return {suffix: tensor[0].clone() for suffix, tensor in stored.items()}
+
+
+def reset_state(opt: KaonOptimizer, p: Tensor, group: dict,
+                keep: tuple[str, ...] = (SHIFT,)) -> None:
+    """Re-create ``p``'s state as at its first step (each slot's initial value for the current
+    ``p``), except the slots named in ``keep`` (default: the bf16 compensation ``shift``, which
+    belongs to the weights, not to the rule). Used by an optimizer that restarts its rule's
+    state mid-run (Autokaon after its probe). The entries are new tensors, so batched chunks
+    repack them at their next run."""
+    state = opt.state[p]
+    if not any(isinstance(v, Tensor) for v in state.values()):
+        return  # not created yet: the next step creates it fresh anyway
+    _, slots = _layout(opt, p, group)
+    for slot in slots:
+        if slot.name not in keep:
+            for suffix, tensor in _initial_state(slot, p).items():
+                state[slot.name + suffix] = tensor
+
+
 def _ensure_state(opt: KaonOptimizer, p: Tensor, slots: tuple[Slot, ...]) -> None:
     state = opt.state[p]
     if not any(isinstance(v, Tensor) for v in state.values()):
         for slot in slots:
-            if slot.init is None:
-                stored = slot.codec.init(slot.shape, p.device)
-            else:
-                value = slot.init(p.detach()).to(torch.float32).reshape(slot.shape).clone()
-                stored = slot.codec.encode(value.unsqueeze(0))
-                stored = {suffix: tensor[0].clone() for suffix, tensor in stored.items()}
-            for suffix, tensor in stored.items():
+            for suffix, tensor in _initial_state(slot, p).items():
                 state[slot.name + suffix] = tensor
         return
     wanted = {key for slot in slots for key in slot.state_keys()}

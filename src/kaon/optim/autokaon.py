@@ -10,11 +10,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kaon import distributed as _distributed
 from kaon import engine, ops
 from kaon.engine import Batch, Slot
 from kaon.optim.adakaon import Adakaon
 from kaon.state.codecs import FloatCodec
-from kaon.validation import check_all, integer, optional, real
+from kaon.validation import boolean, check_all, integer, optional, real
 
 __all__ = ["Autokaon"]
 
@@ -44,6 +45,8 @@ TUNER_CHECKS = {
     "slice_p": integer(1),
     "freeze_patience": integer(1),
     "freeze_tol": real(0.0, low_inclusive=False),
+    "probe_restart": boolean(),
+    "probe_patience": integer(1),
 }
 
 
@@ -60,6 +63,12 @@ class Autokaon(Adakaon):
        ``sqrt(beta2)``): ``r <- beta3 r + w_k <g_k, x_0 - x_k>``; per coordinate
        ``s <- beta3 s + w_k g_k``; ``D = ||s||_1``;
     2. ``d_hat = d_coef * r / D`` (skipped while ``D = 0``); ``d <- min(max(d, d_hat), lr_cap)``.
+    3. the probe: ``d`` first ramps up geometrically from ``d0`` (the weights barely move); once
+       it has not grown for ``probe_patience`` steps the probe ends, and with
+       ``probe_restart`` Adakaon's momentum and second moment restart from zero (the tuner's
+       statistics are kept). A tuned Adakaon starts with fresh state at its rate; without the
+       restart, the state built at ``x_0`` during the ramp cost 20-40 % held-out loss on the
+       battery's LM at the same rate (docs/autokaon.md).
 
     For a convex loss ``sum_k w_k <g_k, x_k - x*> >= 0``, so ``d_hat <= ||x_0 - x*||_inf``: the
     estimate only grows as far as the iterates' own progress proves is there, whatever the
@@ -86,9 +95,10 @@ class Autokaon(Adakaon):
         lr_freeze ("auto" | int | None, default "auto"): when the rate is frozen (see above).
         d0 (float, default 1e-6): the initial rate, > 0 (the estimate grows geometrically from
             it in a few dozen steps).
-        d_coef (float, default 10.0): multiplier of the estimate, > 0. The bound is conservative
-            on short runs (noise inflates ``D``); 10 is a calibration measured on four small
-            tasks (benchmarks/RESULTS.md), 1.0 is Prodigy's own (safer for long runs).
+        d_coef (float, default 15.0): multiplier of the estimate, > 0. The bound is conservative
+            on short runs (noise inflates ``D``); 15 is a calibration chosen on the battery's
+            quick tasks at seed 0 and checked on other seeds, a 3x longer run and two other
+            small tasks (docs/autokaon.md, benchmarks/RESULTS.md); 1.0 is Prodigy's own.
         lr_cap (float, default 1.0): upper bound of ``d``, > 0 (a unit-RMS step of 1.0 per
             coordinate is far beyond any usable rate; the cap only stops a runaway).
         beta3 (float | None, default None): decay of the statistics in [0, 1); None means
@@ -97,6 +107,10 @@ class Autokaon(Adakaon):
             only (>= 1; 11 cuts the tuning memory 11x).
         freeze_patience (int, default 50): steps without growth that mean a plateau (>= 1).
         freeze_tol (float, default 0.05): relative growth below which ``d`` counts as flat, > 0.
+        probe_restart (bool, default True): restart Adakaon's momentum and second moment when
+            the probe ends (see above; not done for FSDP2 DTensor parameters).
+        probe_patience (int, default 3): steps without growth of ``d`` that end the probe
+            (>= 1; 1 or 2 end it at a passing stall of the ramp on some tasks).
         **adakaon_kwargs: every argument of :class:`kaon.Adakaon` but ``lr`` (betas, eps,
             weight_decay, momentum_dtype, cautious, ..., foreach, nonfinite_grad, seed).
 
@@ -122,16 +136,19 @@ class Autokaon(Adakaon):
         lr_freeze: str | int | None = "auto",
         *,
         d0: float = 1e-6,
-        d_coef: float = 10.0,
+        d_coef: float = 15.0,
         lr_cap: float = 1.0,
         beta3: float | None = None,
         slice_p: int = 1,
         freeze_patience: int = 50,
         freeze_tol: float = 0.05,
+        probe_restart: bool = True,
+        probe_patience: int = 3,
         **adakaon_kwargs: Any,
     ) -> None:
         tuner = dict(lr_freeze=lr_freeze, d0=d0, d_coef=d_coef, lr_cap=lr_cap, beta3=beta3,
-                     slice_p=slice_p, freeze_patience=freeze_patience, freeze_tol=freeze_tol)
+                     slice_p=slice_p, freeze_patience=freeze_patience, freeze_tol=freeze_tol,
+                     probe_restart=probe_restart, probe_patience=probe_patience)
         check_all(TUNER_CHECKS, tuner, type(self).__name__)
         if "lr" in adakaon_kwargs:
             raise TypeError("Autokaon: lr given twice")
@@ -143,7 +160,7 @@ class Autokaon(Adakaon):
     def _fresh_tuner(self) -> dict[str, Any]:
         d0 = float(self.tuner_settings["d0"])
         return dict(d=d0, d_max=d0, d_hat=0.0, numerator=0.0, k=0, anchor=d0, anchor_k=0,
-                    frozen=False, frozen_lr=None)
+                    frozen=False, frozen_lr=None, probe_end=None, stall=0)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (Adakaon's keys); the tuner's arguments are optimizer-level and rejected
@@ -258,6 +275,7 @@ class Autokaon(Adakaon):
         tuner = self._tuner
         active = [(g, params) for g, params in work
                   if g["lr"] > 0 and any(p.numel() for p in params)]
+        d_before = tuner["d"]
         if active:
             settings, d = self.tuner_settings, tuner["d"]
             beta3 = settings["beta3"]
@@ -280,8 +298,34 @@ class Autokaon(Adakaon):
         for group, params in work:
             engine.run_group(self, group, params)
         tuner["k"] += 1
+        if tuner.get("probe_end", 0) is None and active:
+            if self.tuner_settings["d0"] < tuner["d"] <= d_before:
+                tuner["stall"] = tuner.get("stall", 0) + 1
+                if tuner["stall"] >= self.tuner_settings["probe_patience"]:
+                    self._end_probe()
+            else:
+                tuner["stall"] = 0
         self._check_freeze()
         return loss
+
+    def _end_probe(self) -> None:
+        """End of the probe: ``d`` (after it left ``d0``) has not grown for ``probe_patience``
+        steps in a row. With ``probe_restart``, Adakaon's own state (momentum and second
+        moment) starts afresh, so the run goes on as a fresh Adakaon at the discovered rate
+        from the barely moved weights, not as one whose momentum and second moment were built
+        at ``x_0`` during the tiny-rate ramp. The tuner's statistics (``r``, ``s``, ``p0``) are
+        kept, so the estimate goes on exactly as before. The freeze clock restarts."""
+        tuner = self._tuner
+        tuner["probe_end"] = tuner["k"]
+        if not self.tuner_settings["probe_restart"]:
+            return
+        groups = [(g, [p for p in g["params"] if p in self.state]) for g in self.param_groups]
+        if any(_distributed.has_dtensor(params) for _, params in groups):
+            return  # FSDP2 state is sharded DTensors: kept (documented limitation)
+        for group, params in groups:
+            for p in params:
+                engine.reset_state(self, p, group, keep=(engine.SHIFT, *TUNER_KEYS))
+        tuner["anchor"], tuner["anchor_k"] = tuner["d"], tuner["k"]  # the freeze clock
 
     def _check_freeze(self) -> None:
         tuner, settings = self._tuner, self.tuner_settings
