@@ -276,27 +276,28 @@ class Autokaon(Adakaon):
         active = [(g, params) for g, params in work
                   if g["lr"] > 0 and any(p.numel() for p in params)]
         d_before = tuner["d"]
-        if active:
-            settings, d = self.tuner_settings, tuner["d"]
-            beta3 = settings["beta3"]
-            if beta3 is None:
-                beta3 = math.sqrt(active[0][0]["betas"][1])
-            # Prodigy's weights lambda_k = d_k * (d_k lr) / d0 (their scale cancels in the ratio)
-            self._weights = {id(g): d * (d * g["lr"]) / settings["d0"] for g, _ in active}
-            self._beta3 = beta3
-            stats = [self._statistics_of(g, params) for g, params in active]
-            # the step's one host synchronization; summed in the parameters' order (batch-free)
-            rows = torch.cat([x.to(stats[0].device) for x in stats]).tolist()
-            weights = [self._weights[id(g)] for (g, _), x in zip(active, stats) for _ in x]
-            numerator = math.fsum(w * dot for w, (dot, _) in zip(weights, rows))
-            denominator = math.fsum(norm for _, norm in rows)
-            tuner["numerator"] = beta3 * tuner["numerator"] + numerator
-            if denominator > 0:
-                tuner["d_hat"] = settings["d_coef"] * tuner["numerator"] / denominator
-                tuner["d_max"] = max(tuner["d_max"], tuner["d_hat"])
-                tuner["d"] = min(tuner["d_max"], settings["lr_cap"])
-        for group, params in work:
-            engine.run_group(self, group, params)
+        with engine.gradients_checked_once(self):  # both passes read the gradients
+            if active:
+                settings, d = self.tuner_settings, tuner["d"]
+                beta3 = settings["beta3"]
+                if beta3 is None:
+                    beta3 = math.sqrt(active[0][0]["betas"][1])
+                # Prodigy's weights lambda_k = d_k * (d_k lr) / d0 (their scale cancels in the ratio)
+                self._weights = {id(g): d * (d * g["lr"]) / settings["d0"] for g, _ in active}
+                self._beta3 = beta3
+                stats = [self._statistics_of(g, params) for g, params in active]
+                # the step's one host synchronization; summed in the parameters' order (batch-free)
+                rows = torch.cat([x.to(stats[0].device) for x in stats]).tolist()
+                weights = [self._weights[id(g)] for (g, _), x in zip(active, stats) for _ in x]
+                numerator = math.fsum(w * dot for w, (dot, _) in zip(weights, rows))
+                denominator = math.fsum(norm for _, norm in rows)
+                tuner["numerator"] = beta3 * tuner["numerator"] + numerator
+                if denominator > 0:
+                    tuner["d_hat"] = settings["d_coef"] * tuner["numerator"] / denominator
+                    tuner["d_max"] = max(tuner["d_max"], tuner["d_hat"])
+                    tuner["d"] = min(tuner["d_max"], settings["lr_cap"])
+            for group, params in work:
+                engine.run_group(self, group, params)
         tuner["k"] += 1
         if tuner.get("probe_end", 0) is None and active:
             if self.tuner_settings["d0"] < tuner["d"] <= d_before:
