@@ -112,7 +112,8 @@ class KProdigy(KaonOptimizer):
         compile (bool, default False): run the statistics pass and the update pass (full second
             moment, without cautious masking) as compiled kernels
             (:mod:`kaon.kernels.compiled`, ``torch.compile``): each pass reads and writes every
-            tensor once instead of once per operation, about 2x faster on the CPU. Needs a
+            tensor once instead of once per operation: 0.66-0.79x ``prodigyopt``'s CPU step on a
+            56M-parameter LLM-like stack, where the eager path is 1.2x. Needs a
             working ``torch.compile`` (a C++ compiler on the CPU; ``RuntimeError`` at
             construction otherwise); the first steps compile (seconds). Same state and
             checkpoints; results equal the eager path up to rounding (within 1e-6 of
