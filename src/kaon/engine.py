@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from kaon import distributed as _distributed
-from kaon import ops, precision
+from kaon import precision
 from kaon.state.codecs import Codec, FloatCodec
 
 if TYPE_CHECKING:
@@ -471,6 +471,37 @@ def _keep_where(finite: Tensor | None, new: Tensor, old: Tensor) -> Tensor:
     return torch.where(finite.view(-1, *([1] * (new.ndim - 1))), new, old)
 
 
+#: a finite gradient whose largest magnitude exceeds this is scaled down by a power of two
+#: before the rule sees it, so that its squares and sums of squares stay far from fp32's
+#: overflow (2**80 * numel < 3.4e38 for any tensor below 2**47 elements); smaller gradients
+#: are passed on untouched, bit for bit
+GRAD_SAFE_MAX = 2.0**40
+
+
+def screen_gradients(flat: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """One read of a chunk's gradients ``[N, numel]``: per-tensor finite flags and scales.
+
+    Returns ``(finite, scale)``. ``finite`` is the bool ``[N]`` flags of the tensors whose
+    every element is finite (from the minimum and maximum, which cannot overflow the way a sum
+    does), or ``None`` on the CPU when all are. ``scale`` is ``None`` when no finite gradient
+    exceeds :data:`GRAD_SAFE_MAX` in magnitude (on the CPU), else fp32 ``[N]`` powers of two
+    (exactly 1 for the other tensors) that bring each such gradient into range with its
+    direction kept. On other devices both are always tensors (no host sync).
+    """
+    low, high = torch.aminmax(flat, dim=-1)
+    finite = torch.isfinite(low) & torch.isfinite(high)
+    peak = torch.maximum(high, low.neg())
+    large = finite & (peak > GRAD_SAFE_MAX)
+    on_cpu = flat.device.type == "cpu"
+    scale = None
+    if not on_cpu or bool(large.any()):
+        exponent = torch.log2(peak.double() / GRAD_SAFE_MAX).ceil_().clamp_min_(0.0)
+        scale = torch.where(large, torch.exp2(-exponent), 1.0).to(torch.float32)
+    if on_cpu and bool(finite.all()):
+        finite = None  # nothing to mask; on CPU this check costs no device sync
+    return finite, scale
+
+
 def _run_chunk(opt: KaonOptimizer, group: dict, chunk: _Chunk,
                statistics: Statistics | None = None, reads: Collection[str] = ()) -> Tensor | None:
     params, view, slots = chunk.params, chunk.view, chunk.slots
@@ -486,18 +517,20 @@ def _run_chunk(opt: KaonOptimizer, group: dict, chunk: _Chunk,
         stored = _packed_state(opt, chunk, states)
 
     finite = None
-    if opt.nonfinite_grad == "skip":
+    if opt.nonfinite_grad != "none":
         memo = getattr(opt, "_finite_memo", None)
         seen = memo.get(id(chunk)) if memo is not None else None
         if seen is not None and seen[0] is chunk:
-            finite = seen[1]  # checked by an earlier pass of this step
+            finite, scale = seen[1], seen[2]  # checked by an earlier pass of this step
         else:
-            finite = torch.isfinite(ops.sum(grad.reshape(len(params), -1)))
-            if finite.device.type == "cpu" and bool(finite.all()):
-                finite = None  # nothing to mask; on CPU this check costs no device sync
+            finite, scale = screen_gradients(grad.reshape(len(params), -1))
+            if opt.nonfinite_grad != "skip":
+                finite = None  # "raise": every gradient was checked finite before the step
             if memo is not None:
                 # the chunk is kept alive with its result, so its id cannot be reused meanwhile
-                memo[id(chunk)] = (chunk, finite)
+                memo[id(chunk)] = (chunk, finite, scale)
+        if scale is not None:
+            grad = grad * scale.view(-1, *([1] * len(view)))  # a new tensor: p.grad is kept
 
     decoded = {}
     for slot in slots:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam as _torch_adam
 
+from kaon import engine
 from kaon.engine import Batch, Slot
 from kaon.optimizer import KaonOptimizer
 from kaon.precision import BF16_METHODS
@@ -313,11 +314,14 @@ class AdamW(KaonOptimizer):
                 raise RuntimeError(f"AdamW: fused=True but {blocker}")
             return False  # the engine runs the rule, or kaon's Triton kernel (self._kernel)
         grads = [p.grad for p in params]
-        # under "skip", one read of the gradients; a non-finite one sends this step to the
-        # engine, which skips exactly the affected parameters
-        if self.nonfinite_grad == "skip" and not bool(
-                torch.stack(torch._foreach_norm(grads)).isfinite().all()):
-            return False
+        # one read of the gradients (their largest magnitudes, which cannot overflow): a
+        # non-finite one, or one so large that its square would overflow the kernel's fp32
+        # second moment, sends this step to the engine, which skips exactly the affected
+        # parameters and scales the large ones into range (kaon.engine.screen_gradients)
+        if self.nonfinite_grad != "none":
+            peaks = torch.stack(torch._foreach_norm(grads, ord=math.inf))
+            if not bool((peaks <= engine.GRAD_SAFE_MAX).all()):  # NaN compares false
+                return False
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
         _torch_adam(  # torch.optim.adam.adam, the functional API; fused=True runs torch._fused_adamw_
