@@ -118,3 +118,259 @@ def test_6_skip_keeps_finite_gradients_whose_sum_overflows(entry: Entry):
     moved = [not torch.equal(a, p) for a, p in zip(before, model.parameters())]
     assert all(moved), f"{entry.name}: a finite gradient was skipped"
     assert _finite(opt, model)
+
+
+# ------------------------------------------- 3, 4, 7: a transactional, validating load_state_dict
+def _trained(entry: Entry, steps: int = 2, dtype=torch.float32, **overrides):
+    from test_conformance import train
+    model = make_model(dtype)
+    opt = entry.make(model.parameters(), lr=entry.train_lr, **overrides)
+    train(model, opt, steps, dtype=dtype)
+    return model, opt
+
+
+def _refused_unchanged(opt, model, checkpoint, match: str | None = None) -> str:
+    """Load ``checkpoint``: it must raise ValueError and leave weights, state, groups and the
+    random stream exactly as they were (also: the next step equals an untouched twin's)."""
+    twin_model, twin_opt = copy.deepcopy((model, opt))
+    before = _snapshot(opt, model)
+    with pytest.raises(ValueError, match=match) as error:
+        opt.load_state_dict(checkpoint)
+    assert _same(before, _snapshot(opt, model))
+    dtype = next(model.parameters()).dtype
+    set_grads(model, 5, dtype)
+    set_grads(twin_model, 5, dtype)
+    opt.step()
+    twin_opt.step()
+    for a, b in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(a, b)
+    return str(error.value)
+
+
+BAD_GROUP_VALUES = [("lr", float("nan")), ("lr", -1.0), ("weight_decay", float("inf")),
+                    ("betas", (2.0, 0.9)), ("bf16_method", "bogus"), ("clip_threshold", 0.0),
+                    ("lr", 2**70)]
+
+
+@pytest.mark.parametrize("key,value", BAD_GROUP_VALUES, ids=lambda v: repr(v))
+@pytest.mark.parametrize("name", ["Adakaon", "AdamW", "Lion", "KProdigy", "Nekaon", "Autokaon",
+                                  "AdaPNM", "ScheduleFreeAdamW"])
+def test_3_bad_group_values_in_a_checkpoint_are_refused(name, key, value):
+    entry = next(e for e in OPTIMIZERS if e.name == name)
+    model, opt = _trained(entry, dtype=torch.bfloat16)
+    checkpoint = copy.deepcopy(opt.state_dict())
+    if key not in checkpoint["param_groups"][0]:
+        pytest.skip(f"{name} has no {key}")
+    try:
+        entry.make([torch.nn.Parameter(torch.zeros(2))], **{key: value})
+    except (TypeError, ValueError):
+        pass
+    else:
+        pytest.skip(f"{name} accepts {key}={value!r}")
+    checkpoint["param_groups"][0][key] = value
+    message = _refused_unchanged(opt, model, checkpoint)
+    assert key in message and "param_groups[0]" in message
+
+
+FOREIGN_PAIRS = [("Adakaon", "AdaMuon"), ("Nekaon", "Adakaon"), ("AdaMuon", "Adakaon"),
+                 ("Autokaon", "Adakaon"), ("Adakaon", "Lion"), ("Lion", "Adakaon"),
+                 ("KProdigy", "AdamW"), ("AdamW", "ScheduleFreeAdamW"),
+                 ("Adafactor8Bit", "Adakaon"), ("Muon", "AdamW"), ("OAdamW", "AdamW")]
+
+
+@pytest.mark.parametrize("source,target", FOREIGN_PAIRS)
+def test_4_7_foreign_checkpoints_are_refused_at_load(source, target):
+    src = next(e for e in OPTIMIZERS if e.name == source)
+    dst = next(e for e in OPTIMIZERS if e.name == target)
+    _, donor = _trained(src)
+    model, opt = _trained(dst)
+    message = _refused_unchanged(opt, model, copy.deepcopy(donor.state_dict()))
+    assert source in message or "another optimizer" in message
+
+
+@pytest.mark.parametrize("name", ["Adakaon-4bit", "Lion-4bit-kahan", "AdamW-4bit", "Adakaon"])
+def test_4_swapped_parameter_shapes_are_refused(name):
+    entry = next(e for e in OPTIMIZERS if e.name == name)
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(8, 16)), torch.nn.Parameter(torch.randn(16, 8))
+    donor = entry.make([a, b], lr=entry.train_lr)
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    donor.step()
+    c, d = torch.nn.Parameter(torch.randn(16, 8)), torch.nn.Parameter(torch.randn(8, 16))
+    opt = entry.make([c, d], lr=entry.train_lr)
+    c.grad, d.grad = torch.randn_like(c), torch.randn_like(d)
+    opt.step()
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="shape"):
+        opt.load_state_dict(copy.deepcopy(donor.state_dict()))
+    assert _same(before, opt.state_dict())
+
+
+@pytest.mark.parametrize("source", ["Adakaon", "Lion", "AdaMuon", "KProdigy", "Nekaon"])
+def test_7_torch_adamw_checkpoint_into_kaon_is_refused_at_load(source):
+    entry = next(e for e in OPTIMIZERS if e.name == source)
+    torch_model = make_model()
+    torch_opt = torch.optim.AdamW(torch_model.parameters(), lr=1e-3)
+    set_grads(torch_model, 0)
+    torch_opt.step()
+    model, opt = _trained(entry)
+    _refused_unchanged(opt, model, copy.deepcopy(torch_opt.state_dict()))
+
+
+def _bad_entries(opt):
+    good = opt.state_dict()["kaon"]
+    cpu_state = good["generators"]["cpu"]
+    return [
+        {**good, "seed": "abc"},
+        {**good, "seed": -3},
+        {**good, "generators": {"cpu": cpu_state[:100]}},  # another size
+        {**good, "generators": {"cpu": torch.zeros(16, dtype=torch.uint8)}},  # a CUDA state
+        {**good, "generators": {"cpu": cpu_state.float()}},
+        {**good, "generators": {"not a device": cpu_state}},
+        {**good, "optimizer": "Lion"},
+        "garbage",
+    ]
+
+
+@pytest.mark.parametrize("where", ["top", "group"])
+@pytest.mark.parametrize("case", range(8))
+def test_7_bad_kaon_entry_refuses_before_anything_changes(case, where):
+    entry = next(e for e in OPTIMIZERS if e.name == "Adakaon-int8")
+    model, opt = _trained(entry, dtype=torch.bfloat16)
+    _, other = _trained(entry, steps=4, dtype=torch.bfloat16)  # other state: a real change
+    checkpoint = copy.deepcopy(other.state_dict())
+    bad = _bad_entries(opt)[case]
+    if where == "top":
+        checkpoint["kaon"] = bad
+    else:
+        checkpoint.pop("kaon")
+        checkpoint["param_groups"][0]["kaon"] = bad
+    _refused_unchanged(opt, model, checkpoint)
+
+
+@pytest.mark.parametrize("damage", ["nan", "dtype", "shape", "missing", "extra", "not_tensor"])
+def test_7_damaged_state_is_refused(damage):
+    entry = next(e for e in OPTIMIZERS if e.name == "Adakaon-int8")
+    model, opt = _trained(entry)
+    checkpoint = copy.deepcopy(opt.state_dict())
+    _, other = _trained(entry, steps=3)
+    checkpoint = copy.deepcopy(other.state_dict())
+    state = checkpoint["state"][0]
+    key = "row" if "row" in state else next(iter(state))
+    if damage == "nan":
+        state[key] = state[key].clone().fill_(float("nan"))
+    elif damage == "dtype":
+        state[key] = state[key].double()
+    elif damage == "shape":
+        state[key] = state[key][:-1]
+    elif damage == "missing":
+        del state[key]
+    elif damage == "extra":
+        state["exp_avg"] = torch.zeros(3)
+    else:
+        state[key] = [1.0, 2.0]
+    _refused_unchanged(opt, model, checkpoint)
+
+
+# ------------------------------------------------------ 8: checkpoints that must load
+def test_8_generator_state_of_another_device_loads_on_cpu():
+    entry = next(e for e in OPTIMIZERS if e.name == "Adakaon")
+    model, opt = _trained(entry, dtype=torch.bfloat16)
+    checkpoint = copy.deepcopy(opt.state_dict())
+    # as written on a GPU: the stream is a CUDA generator's state (16 bytes), named cuda:0
+    cuda_entry = {**checkpoint["kaon"], "generators": {"cuda:0": torch.zeros(16, dtype=torch.uint8)}}
+    checkpoint["kaon"] = cuda_entry
+    checkpoint["param_groups"][0]["kaon"] = cuda_entry
+    model2, opt2 = _trained(entry, steps=0, dtype=torch.bfloat16)
+    opt2.load_state_dict(checkpoint)
+    set_grads(model2, 3, torch.bfloat16)
+    opt2.step()
+    assert _finite(opt2, model2)
+    assert opt2.seed == opt.seed
+
+
+def test_8_torch_checkpoint_with_a_plain_number_step_loads():
+    torch_model = make_model()
+    torch_opt = torch.optim.AdamW(torch_model.parameters(), lr=1e-2)
+    set_grads(torch_model, 0)
+    torch_opt.step()
+    checkpoint = copy.deepcopy(torch_opt.state_dict())
+    for state in checkpoint["state"].values():
+        state["step"] = float(state["step"])  # torch < 1.12 saved a Python number
+    model = make_model()
+    model.load_state_dict(torch_model.state_dict())
+    opt = kaon.AdamW(model.parameters(), lr=1e-2, fused=False)
+    opt.load_state_dict(checkpoint)
+    torch_opt.load_state_dict(checkpoint)
+    set_grads(model, 1)
+    set_grads(torch_model, 1)
+    opt.step()
+    torch_opt.step()
+    for a, b in zip(model.parameters(), torch_model.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_8_kaon_adamw_loads_torch_checkpoint_with_a_0d_parameter():
+    scalar = torch.nn.Parameter(torch.tensor(0.5))
+    vector = torch.nn.Parameter(torch.randn(4))
+    torch_opt = torch.optim.AdamW([scalar, vector], lr=1e-2)
+    scalar.grad, vector.grad = torch.tensor(0.3), torch.randn(4)
+    torch_opt.step()
+    mine = [torch.nn.Parameter(scalar.detach().clone()), torch.nn.Parameter(vector.detach().clone())]
+    opt = kaon.AdamW(mine, lr=1e-2)
+    opt.load_state_dict(copy.deepcopy(torch_opt.state_dict()))
+    for p, q in zip(mine, (scalar, vector)):
+        p.grad = torch.full_like(p, 0.7)
+        q.grad = torch.full_like(q, 0.7)
+    opt.step()
+    torch_opt.step()
+    for p, q in zip(mine, (scalar, vector)):
+        torch.testing.assert_close(p, q)
+
+
+# ---------------------------------------------------- 9: no "differentiable" key appears
+@pytest.mark.parametrize("entry", OPTIMIZERS, ids=repr)
+def test_9_round_trip_adds_no_group_key(entry: Entry):
+    model, opt = _trained(entry, steps=1)
+    keys = [set(g) for g in opt.param_groups]
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert [set(g) for g in opt.param_groups] == keys
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert [set(g) for g in opt.param_groups] == keys
+    assert set(opt.defaults) == set(copy.deepcopy(opt).defaults)
+
+
+# ------------------------------------------ 5, 14: argument checks (finite, in range, named)
+ARGUMENT_CASES = [
+    (kaon.KProdigy, dict(d0=1e-38), "d0"),
+    (kaon.Autokaon, dict(d0=1e-38), "d0"),
+    (kaon.Muon, dict(ns_coefficients=(float("nan"), -4.775, 2.0315)), "ns_coefficients"),
+    (kaon.Muon, dict(ns_coefficients=(1e30, 0.0, 0.0)), "ns_coefficients"),
+    (kaon.Muon, dict(ns_coefficients=(3.0, 0.0, 0.0)), "ns_coefficients"),  # diverges
+    (kaon.Muon, dict(ns_coefficients=1.0), "ns_coefficients"),  # 14: not a triple
+    (kaon.Muon, dict(ns_coefficients=(3.4, -4.7)), "ns_coefficients"),
+    (kaon.Muon, dict(ns_steps=2**40), "ns_steps"),
+    (kaon.AdaMuon, dict(ns_steps=2**40), "ns_steps"),
+    (kaon.OAdamW, dict(ns_steps=2**40), "ns_steps"),
+    (kaon.Adakaon, dict(lr=2**70), "lr"),
+    (kaon.AdamW, dict(lr=2**70), "lr"),
+    (kaon.Lion, dict(weight_decay=2**70), "weight_decay"),
+    (kaon.Adakaon, dict(lr=float("nan")), "lr"),
+    (kaon.Adakaon, dict(weight_decay=float("inf")), "weight_decay"),
+    (kaon.Adakaon, dict(foreach_batch_cutoff=2**70), "foreach_batch_cutoff"),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs,name", ARGUMENT_CASES, ids=lambda v: repr(v)[:40])
+def test_5_14_arguments_that_would_give_nan_weights_are_refused(cls, kwargs, name):
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.raises((ValueError, TypeError), match=name) as error:
+        cls([p], **kwargs)
+    assert "not iterable" not in str(error.value)
+
+
+def test_5_torch_default_muon_coefficients_and_identity_are_accepted():
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    kaon.Muon([p], ns_coefficients=(3.4445, -4.7750, 2.0315))
+    kaon.Muon([p], ns_coefficients=(2.0, -1.5, 0.5))
+    kaon.Muon([p], ns_coefficients=(1.0, 0.0, 0.0))

@@ -167,7 +167,12 @@ class KaonOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         generator_states = state.pop("_generator_states", {})
+        had_differentiable = "differentiable" in state.get("defaults", getattr(self, "defaults", {}))
         super().__setstate__(state)
+        if not had_differentiable:
+            # torch's __setstate__ adds it to the defaults (and the loop below would put it in
+            # every group); a kaon optimizer that takes no such argument has no such key
+            self.defaults.pop("differentiable", None)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -299,6 +304,9 @@ class KaonOptimizer(torch.optim.Optimizer):
         entry = {
             "seed": self.seed,
             "generators": {str(d): g.get_state() for d, g in self._generators.items()},
+            # checked by load_state_dict: another class's state, or another model's, is refused
+            "optimizer": type(self).__name__,
+            "shapes": [list(p.shape) for g in self.param_groups for p in g["params"]],
         }
         state[_CHECKPOINT_KEY] = entry
         if state["param_groups"]:
@@ -308,39 +316,201 @@ class KaonOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict, keeping every state tensor's saved dtype.
+        """Load a state dict, keeping every state tensor's saved dtype; all or nothing.
+
+        Everything is checked before anything changes (see docs/checkpointing.md): every
+        group's values with the constructor's checks, the optimizer class and parameter shapes
+        recorded in the ``"kaon"`` entry (when present), its seed and generator states, and
+        each parameter's stored state against the layout the group's settings need (keys,
+        shapes, dtypes). A checkpoint that fails raises ``ValueError`` naming what is wrong and
+        leaves the optimizer (state, groups, random streams) exactly as it was.
 
         torch's loader casts floating-point state to the parameter dtype (int8 codes of a bf16
         parameter would come back as bf16, fp32 statistics as bf16); here each tensor is moved to
         its parameter's device and keeps its dtype. Group keys added in later versions are
-        back-filled from the defaults.
+        back-filled from the defaults. A generator state saved for a device that none of the
+        parameters is on now (a checkpoint written on a GPU, loaded on the CPU) is left out:
+        that device's stream restarts from the saved seed.
         """
-        state_dict = dict(state_dict)
-        extra = state_dict.pop(_CHECKPOINT_KEY, None)
-        saved_state = state_dict.get("state", {})
-        saved_groups = [dict(g) for g in state_dict.get("param_groups", [])]
-        for group in saved_groups:
-            in_group = group.pop(_CHECKPOINT_KEY, None)
-            extra = extra or in_group  # a torch.distributed.checkpoint round trip keeps this one
-        state_dict["param_groups"] = saved_groups
+        state_dict, extra, states = self._checked_load(state_dict)
+        seed, generators = self._checked_entry(extra)
+        state_dict = {**state_dict, "state": {**state_dict.get("state", {}), **states}}
         super().load_state_dict(state_dict)
         current = chain.from_iterable(g["params"] for g in self.param_groups)
-        saved_ids = chain.from_iterable(g["params"] for g in saved_groups)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         for saved_id, p in zip(saved_ids, current):
-            if saved_id not in saved_state:
-                continue
-            for key, value in saved_state[saved_id].items():
+            for key, value in states.get(saved_id, {}).items():
                 if isinstance(value, Tensor):
                     self.state[p][key] = value.detach().to(device=p.device, copy=True)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
         self._plans = {}
-        if extra:
-            self.seed = int(extra.get("seed", self.seed))
-            self._generators = {}
-            for device, rng in extra.get("generators", {}).items():
-                self._generator(torch.device(device)).set_state(rng.clone())
+        if seed is not None:
+            self.seed = seed
+            self._generators = generators
+
+    #: tensor state keys a parameter may hold besides its slots (gradient release's buffer)
+    extra_state_keys: ClassVar[tuple[str, ...]] = ("accumulated_grad",)
+
+    def _checked_load(self, state_dict: Any
+                      ) -> tuple[dict[str, Any], Any, dict[Any, dict[str, Any]]]:
+        """Check a state dict against this optimizer without changing anything.
+
+        Returns the state dict with the ``"kaon"`` entries taken out of its groups, the entry,
+        and each parameter's saved state normalized to the layout (a plain-number ``step`` of
+        torch's older checkpoints as a tensor, the ``()`` state of a 0-D parameter as the
+        ``(1,)`` kaon keeps), keyed by saved parameter id. Raises ``ValueError``.
+        """
+        owner = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"{owner}: expected a dict; got {type(state_dict).__name__}")
+        state_dict = dict(state_dict)
+        extra = state_dict.pop(_CHECKPOINT_KEY, None)
+        saved_state = state_dict.get("state", {})
+        raw_groups = state_dict.get("param_groups")
+        if not isinstance(saved_state, dict) or not isinstance(raw_groups, (list, tuple)):
+            raise ValueError(f"{owner}: a state dict holds a dict 'state' and a list "
+                             "'param_groups'")
+        saved_groups = []
+        for i, group in enumerate(raw_groups):
+            if not isinstance(group, dict) or not isinstance(group.get("params"), (list, tuple)):
+                raise ValueError(f"{owner}: param_groups[{i}] is not a group with 'params'")
+            group = dict(group)
+            in_group = group.pop(_CHECKPOINT_KEY, None)
+            extra = extra if extra is not None else in_group  # a DCP round trip keeps this one
+            saved_groups.append(group)
+        state_dict["param_groups"] = saved_groups
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"{owner}: the checkpoint has {len(saved_groups)} parameter "
+                             f"group(s), the optimizer {len(self.param_groups)}")
+        if isinstance(extra, dict) and "optimizer" in extra and \
+                extra["optimizer"] != type(self).__name__:
+            raise ValueError(
+                f"{owner}: the checkpoint was written by {extra['optimizer']!r}, not "
+                f"{type(self).__name__!r}; a kaon optimizer loads only its own class's state")
+        shapes = extra.get("shapes") if isinstance(extra, dict) else None
+        params = [p for g in self.param_groups for p in g["params"]]
+        if shapes is not None:
+            now = [list(p.shape) for p in params]
+            if not isinstance(shapes, (list, tuple)) or [list(s) for s in shapes] != now:
+                raise ValueError(
+                    f"{owner}: the checkpoint's parameter shapes {shapes!r} are not the "
+                    f"optimizer's {now!r} (another model, or the parameters in another order)")
+        states: dict[Any, dict[str, Any]] = {}
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"{owner}: param_groups[{i}] has {len(saved['params'])} "
+                                 f"parameter(s) in the checkpoint, {len(group['params'])} here")
+            merged = {**self.defaults, **saved, "params": group["params"]}
+            try:
+                check_all(self.hyperparameter_checks, merged, owner)
+                distributed.check_mode(merged, owner)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"param_groups[{i}]: {error}") from None
+            for saved_id, p in zip(saved["params"], group["params"]):
+                if saved_id in saved_state:
+                    states[saved_id] = self._checked_param_state(
+                        p, merged, saved_state[saved_id], owner)
+        return state_dict, extra, states
+
+    def _checked_param_state(self, p: Tensor, group: dict[str, Any], state: Any,
+                             owner: str) -> dict[str, Any]:
+        """``state`` (one parameter's saved state) checked against the layout ``group``'s
+        settings need for ``p``, normalized (see :meth:`_checked_load`); raises ValueError."""
+        where = f"{owner}: the state of a parameter of shape {tuple(p.shape)}"
+        if not isinstance(state, dict):
+            raise ValueError(f"{where} is a {type(state).__name__}, not a dict")
+        state = dict(state)
+        if not state:
+            return state
+        expected = self._expected_state(p, group, state)
+        allowed = set(expected) | set(self.extra_state_keys)
+        unexpected = sorted(str(k) for k in state if k not in allowed)
+        missing = sorted(k for k in expected if k not in state)
+        if unexpected or missing:
+            raise ValueError(
+                f"{where} holds {sorted(map(str, state))}, but {type(self).__name__} with these "
+                f"settings keeps {sorted(expected)} (missing {missing}, unexpected "
+                f"{unexpected}): a checkpoint of another optimizer or configuration")
+        sharded = distributed.has_dtensor([p])
+        for key, ref in expected.items():
+            value = state[key]
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and ref.ndim == 0:
+                value = torch.tensor(float(value), dtype=ref.dtype)  # torch's older `step`
+            if not isinstance(value, Tensor):
+                raise ValueError(f"{where}: {key!r} is a {type(value).__name__}, not a tensor")
+            if sharded or distributed.has_dtensor([value]):
+                state[key] = value
+                continue  # sharded entries: their local layout is the distributed module's
+            if tuple(value.shape) == () and tuple(ref.shape) == (1,) and p.ndim == 0:
+                value = value.reshape(1)  # torch keeps a 0-D parameter's moments as 0-D
+            if value.shape != ref.shape or value.dtype != ref.dtype:
+                raise ValueError(
+                    f"{where}: {key!r} is {tuple(value.shape)} {value.dtype}, but the group's "
+                    f"settings need {tuple(ref.shape)} {ref.dtype}: a checkpoint of another "
+                    "configuration (momentum_dtype, betas, bf16_method, ...) or parameter")
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{where}: {key!r} holds non-finite values")
+            state[key] = value
+        return state
+
+    def _expected_state(self, p: Tensor, group: dict[str, Any], saved: dict[str, Any]
+                        ) -> dict[str, Tensor]:
+        """The stored tensors (as ``meta`` tensors: key -> shape and dtype) that ``group``'s
+        settings need for ``p``; ``saved`` is the checkpoint's state of ``p``, for a layout
+        that depends on how the state was created (KProdigy's ``p0``)."""
+        _, slots = engine._layout(self, p, group)
+        return {slot.name + sfx: ref for slot in slots
+                for sfx, ref in slot.codec.init(slot.shape, torch.device("meta")).items()}
+
+    def _checked_entry(self, extra: Any) -> tuple[int | None, dict[torch.device, torch.Generator]]:
+        """The seed and the generators of a checkpoint's ``"kaon"`` entry, built on the side
+        (``(None, {})`` without an entry); raises ValueError for a bad entry."""
+        owner = f"{type(self).__name__}.load_state_dict"
+        if not extra:
+            return None, {}
+        if not isinstance(extra, dict):
+            raise ValueError(f"{owner}: the 'kaon' entry is a {type(extra).__name__}, not a dict")
+        seed = extra.get("seed", self.seed)
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= _MAX_SEED:
+            raise ValueError(f"{owner}: the 'kaon' entry's seed must be an int in "
+                             f"[0, {_MAX_SEED}]; got {seed!r}")
+        saved = extra.get("generators", {})
+        if not isinstance(saved, dict):
+            raise ValueError(f"{owner}: the 'kaon' entry's generators must be a dict")
+        devices = {distributed.local(p).device for g in self.param_groups for p in g["params"]}
+        ours = {self._device_key(d) for d in devices}
+        generators: dict[torch.device, torch.Generator] = {}
+        for name, rng in saved.items():
+            try:
+                device = torch.device(name)
+            except (RuntimeError, TypeError) as error:
+                raise ValueError(f"{owner}: the 'kaon' entry names a generator of device "
+                                 f"{name!r}: {error}") from None
+            if device.type not in {d.type for d in ours}:
+                continue  # written on another kind of device: that stream restarts from seed
+            device = self._device_key(device)
+            if device not in ours:
+                continue
+            if not isinstance(rng, Tensor) or rng.dtype != torch.uint8:
+                raise ValueError(f"{owner}: the generator state of {name!r} must be a uint8 "
+                                 "tensor")
+            generator = torch.Generator(device=device)
+            try:
+                generator.set_state(rng.detach().cpu().clone())
+            except (RuntimeError, TypeError, ValueError) as error:
+                raise ValueError(f"{owner}: the generator state of {name!r} does not fit a "
+                                 f"{device} generator: {error}") from None
+            generators[device] = generator
+        return seed, generators
+
+    @staticmethod
+    def _device_key(device: torch.device) -> torch.device:
+        device = torch.device(device)
+        if device.type != "cpu" and device.index is None:
+            device = torch.device(device.type, torch.get_device_module(device.type).current_device())
+        return device
 
     # ---------------------------------------------------------------------- internals
     def _generator(self, device: torch.device) -> torch.Generator:

@@ -20,6 +20,9 @@ __all__ = ["Check", "real", "integer", "boolean", "choice", "pair", "optional", 
 
 Check = Callable[[str, Any], None]
 
+_MAX_EXACT_INT = 2**53  # larger ints are not exact as floats
+_MAX_INT = 2**63 - 1
+
 
 def _is_real(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
@@ -47,7 +50,14 @@ def real(
     def check(name: str, value: Any) -> None:
         if not _is_real(value):
             raise TypeError(f"{name} must be {describe()}; got {value!r} ({type(value).__name__})")
-        number = float(value)
+        if isinstance(value, Integral) and abs(int(value)) > _MAX_EXACT_INT:
+            # an int beyond float precision (2**70) would overflow torch's integer scalars
+            raise ValueError(f"{name} must be {describe()}; got the integer {value!r}, beyond "
+                             f"+-2**53 (pass a float)")
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
         ok = math.isfinite(number)
         if low is not None:
             ok = ok and (number >= low if low_inclusive else number > low)
@@ -59,14 +69,16 @@ def real(
     return check
 
 
-def integer(low: int | None = None) -> Check:
-    """An int (not bool), optionally with a lower bound."""
+def integer(low: int | None = None, high: int = _MAX_INT) -> Check:
+    """An int (not bool), optionally with a lower bound, at most ``high`` (by default the
+    int64 range, which every count handed to torch must fit)."""
 
     def check(name: str, value: Any) -> None:
         if not isinstance(value, Integral) or isinstance(value, bool):
             raise TypeError(f"{name} must be an int; got {value!r} ({type(value).__name__})")
-        if low is not None and value < low:
-            raise ValueError(f"{name} must be an int >= {low}; got {value!r}")
+        if (low is not None and value < low) or value > high:
+            bounds = f">= {low} and <= {high}" if low is not None else f"<= {high}"
+            raise ValueError(f"{name} must be an int {bounds}; got {value!r}")
 
     return check
 

@@ -133,7 +133,7 @@ class AdaMuon(KaonOptimizer):
         "eps": pair(real(0.0, low_inclusive=False), real(0.0)),
         "weight_decay": real(0.0),
         "maximize": boolean(),
-        "ns_steps": integer(1),
+        "ns_steps": integer(1, 100),
         "clip_threshold": real(0.0, low_inclusive=False),
         "compile": boolean(),
         **memory_checks(),

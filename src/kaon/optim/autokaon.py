@@ -22,6 +22,7 @@ __all__ = ["Autokaon"]
 #: the tuner's per-parameter state (freed at the freeze)
 TUNER_KEYS = ("s", "p0")
 _CHECKPOINT_KEY = "autokaon"
+_BASE_KEY = "kaon"  # the base class's checkpoint entry
 
 
 def _lr_freeze(name: str, value: Any) -> None:
@@ -38,7 +39,7 @@ def _lr_freeze(name: str, value: Any) -> None:
 
 TUNER_CHECKS = {
     "lr_freeze": _lr_freeze,
-    "d0": real(0.0, low_inclusive=False),
+    "d0": real(1e-20, 1e6),  # smaller: d0**2 underflows; larger: no initial estimate
     "d_coef": real(0.0, low_inclusive=False),
     "lr_cap": real(0.0, low_inclusive=False),
     "beta3": optional(real(0.0, 1.0, high_inclusive=False)),
@@ -210,7 +211,11 @@ class Autokaon(Adakaon):
             raise RuntimeError("Autokaon.adakaon_state_dict: the rate is not frozen yet")
         state = super().state_dict()
         rate = self._tuner["frozen_lr"]
+        entry = {**state[_BASE_KEY], "optimizer": "Adakaon"}  # Adakaon's checkpoint now
+        state[_BASE_KEY] = entry
         state["param_groups"] = [{**g, "lr": rate * g["lr"]} for g in state["param_groups"]]
+        if state["param_groups"]:
+            state["param_groups"][0][_BASE_KEY] = entry
         return state
 
     # ------------------------------------------------------------------------ engine hooks
@@ -392,12 +397,42 @@ class Autokaon(Adakaon):
             in_group = group.pop(_CHECKPOINT_KEY, None)
             tuner = tuner if tuner is not None else in_group
         state_dict["param_groups"] = groups
-        super().load_state_dict(state_dict)
-        self._tuner = dict(tuner) if tuner is not None else self._fresh_tuner()
+        tuner = self._checked_tuner(tuner)
+        # the checkpoint's state layout is that of its tuner (tuning: Adakaon's slots plus s and
+        # p0; frozen: Adakaon's), so the base class checks it under the saved tuner; on a
+        # refusal the optimizer's own tuner is put back
+        previous = self._tuner
+        self._tuner = tuner
+        try:
+            super().load_state_dict(state_dict)
+        except BaseException:
+            self._tuner = previous
+            raise
         if self._tuner["frozen"]:
             for state in self.state.values():
                 for key in TUNER_KEYS:
                     state.pop(key, None)
+
+    def _checked_tuner(self, tuner: Any) -> dict[str, Any]:
+        """A checkpoint's tuner scalars, checked (``ValueError`` before anything changes); a
+        fresh tuner when the checkpoint has none."""
+        if tuner is None:
+            return self._fresh_tuner()
+        where = "Autokaon.load_state_dict: the 'autokaon' entry"
+        if not isinstance(tuner, dict) or not isinstance(tuner.get("frozen"), bool):
+            raise ValueError(f"{where} must be a dict with a bool 'frozen'; got {tuner!r}")
+        needed = ("frozen_lr", "d", "k") if tuner["frozen"] else ("d", "k")
+        missing = [key for key in needed if key not in tuner]
+        if missing:
+            raise ValueError(f"{where} lacks {missing}")
+        for key in ("d", "d_max", "d_hat", "numerator", "anchor", "frozen_lr"):
+            value = tuner.get(key)
+            if value is None and key == "frozen_lr" and not tuner["frozen"]:
+                continue
+            if key in tuner and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                 or not math.isfinite(value)):
+                raise ValueError(f"{where}: {key} must be a finite number; got {value!r}")
+        return dict(tuner)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

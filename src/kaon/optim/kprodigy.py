@@ -152,7 +152,7 @@ class KProdigy(KaonOptimizer):
         "decouple": boolean(),
         "use_bias_correction": boolean(),
         "safeguard_warmup": boolean(),
-        "d0": real(0.0, low_inclusive=False),
+        "d0": real(1e-20, 1e6),  # smaller: d0**2 underflows; larger: no initial estimate
         "d_coef": real(0.0, low_inclusive=False),
         "growth_rate": _growth_rate,
         "d_update_freq": integer(1),
@@ -406,6 +406,16 @@ class KProdigy(KaonOptimizer):
             codec = momentum_codec(self._momentum_dtype(p, group), group["momentum_4bit_block"])
             slots.append(Slot("m", codec, view))
         return slots
+
+    def _expected_state(self, p: Tensor, group: dict[str, Any], saved: dict[str, Any]
+                        ) -> dict[str, Tensor]:
+        """The layout, with ``p0`` as the checkpoint created it: ``(1,)`` for a parameter that
+        was all zero at its first step, else the sliced initial weights."""
+        expected = super()._expected_state(p, group, saved)
+        stored = saved.get("p0")
+        if isinstance(stored, Tensor) and tuple(stored.shape) == (1,):
+            expected["p0"] = torch.empty(1, device="meta")
+        return expected
 
     @staticmethod
     def _momentum_dtype(p: Tensor, group: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ from kaon.optimizer import KaonOptimizer
 from kaon.precision import BF16_METHODS
 from kaon.state import factored
 from kaon.state.codecs import MOMENTUM_DTYPES, momentum_codec
-from kaon.validation import Check, boolean, choice, integer, optional, pair, real
+from kaon.validation import Check, boolean, check_all, choice, integer, optional, pair, real
 
 __all__ = ["Muon", "ADJUST_LR_FNS", "MAX_ASPECT_RATIO", "is_hidden_matrix", "update_scale"]
 
@@ -63,10 +63,35 @@ def update_scale(rows: int, cols: int, adjust_lr_fn: str | None) -> float:
     raise ValueError(f"adjust_lr_fn must be None or one of {ADJUST_LR_FNS}; got {adjust_lr_fn!r}")
 
 
+#: bound on each Newton-Schulz coefficient: larger ones overflow the iteration's matrices
+_MAX_NS_COEFFICIENT = 100.0
+
+
 def _coefficients(name: str, value: Any) -> None:
     if (not isinstance(value, (tuple, list)) or len(value) != 3
             or not all(isinstance(v, Real) and not isinstance(v, bool) for v in value)):
-        raise TypeError(f"{name} must be three real numbers (a, b, c); got {value!r}")
+        raise TypeError(f"{name} must be a triple of three real numbers (a, b, c); got "
+                        f"{value!r}")
+    for label, v in zip("abc", value):
+        real(-_MAX_NS_COEFFICIENT, _MAX_NS_COEFFICIENT)(f"{name}[{label}]", v)
+    if not _bounded_iteration(*(float(v) for v in value)):
+        raise ValueError(
+            f"{name} must keep the Newton-Schulz iteration bounded (the quintic "
+            f"a s + b s^3 + c s^5 must map some interval [0, B], 1 <= B <= 2, into [-B, B]); "
+            f"got {value!r}, whose iteration diverges")
+
+
+def _bounded_iteration(a: float, b: float, c: float) -> bool:
+    """Whether ``s -> a s + b s^3 + c s^5`` maps ``[0, B]`` into ``[-B, B]`` for some ``B`` in
+    [1, 2]: the singular values (at most 1 after the normalization) then stay at most ``B``
+    for any number of steps."""
+    grid = [2.0 * i / 4000 for i in range(4001)]
+    peaks = []
+    worst = 0.0
+    for s in grid:
+        worst = max(worst, abs(a * s + b * s**3 + c * s**5))
+        peaks.append((s, worst))
+    return any(bound >= 1.0 and worst <= bound for bound, worst in peaks)
 
 
 class Muon(KaonOptimizer):
@@ -145,7 +170,7 @@ class Muon(KaonOptimizer):
         "momentum": real(0.0, 1.0, high_inclusive=False),
         "weight_decay": real(0.0),
         "nesterov": boolean(),
-        "ns_steps": integer(1),
+        "ns_steps": integer(1, 100),
         "ns_coefficients": _coefficients,
         "eps": real(0.0),
         "adjust_lr_fn": optional(choice(*ADJUST_LR_FNS)),
@@ -189,6 +214,8 @@ class Muon(KaonOptimizer):
         nonfinite_grad: str = "skip",
         seed: int | None = None,
     ) -> None:
+        check_all({"ns_coefficients": _coefficients}, {"ns_coefficients": ns_coefficients},
+                  type(self).__name__)  # before tuple() below, so the message names it
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
             ns_steps=ns_steps, ns_coefficients=tuple(ns_coefficients), eps=eps,

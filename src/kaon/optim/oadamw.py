@@ -110,7 +110,7 @@ class OAdamW(KaonOptimizer):
         "max_lr": optional(real(0.0, low_inclusive=False)),
         "maximize": boolean(),
         "muon": boolean(),
-        "ns_steps": integer(1),
+        "ns_steps": integer(1, 100),
         "update_proj_gap": integer(1),
         "scale": real(0.0),
         "ns_dtype": choice(*NS_DTYPES),

@@ -134,6 +134,9 @@ class ScheduleFreeAdamW(KaonOptimizer):
         )
 
     # ------------------------------------------------------------------------ layout and rule
+    #: the training point ``y`` is held in the state while in eval mode (saved with it)
+    extra_state_keys = ("accumulated_grad", _TRAIN_POINT)
+
     def state_slots(self, p: Tensor, group: dict[str, Any], view: tuple[int, ...]) -> list[Slot]:
         return [
             Slot("z", FloatCodec(), view),
