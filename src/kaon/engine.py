@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from kaon import distributed as _distributed
-from kaon import ops, precision
+from kaon import precision
 from kaon.state.codecs import Codec, FloatCodec
 
 if TYPE_CHECKING:
@@ -492,7 +492,9 @@ def _run_chunk(opt: KaonOptimizer, group: dict, chunk: _Chunk,
         if seen is not None and seen[0] is chunk:
             finite = seen[1]  # checked by an earlier pass of this step
         else:
-            finite = torch.isfinite(ops.sum(grad.reshape(len(params), -1)))
+            # per element, not through a sum: finite gradients whose sum overflows (2e38
+            # everywhere) are finite and must be stepped, not skipped
+            finite = torch.isfinite(grad).reshape(len(params), -1).all(dim=-1)
             if finite.device.type == "cpu" and bool(finite.all()):
                 finite = None  # nothing to mask; on CPU this check costs no device sync
             if memo is not None:

@@ -298,6 +298,10 @@ class AdamW(KaonOptimizer):
                 return f"a parameter is a {type(p).__name__} on {p.device.type}"
             if p.ndim == 0:
                 return "a parameter is 0-D (its state is stored as shape (1,))"
+            if not (p.is_contiguous() and p.grad.is_contiguous()):
+                # torch's fused CPU kernel walks the storage linearly: on a strided view (a
+                # column slice) it would read and write the base tensor's other elements
+                return "a parameter or its gradient is not contiguous"
         return None
 
     def fused_step(self, group: dict[str, Any], params: list[Tensor]) -> bool:
