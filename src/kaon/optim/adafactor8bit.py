@@ -39,7 +39,7 @@ def _eps_check(name: str, value: Any) -> None:
     pair(optional(real(0.0)), real(0.0))(name, value)
 
 
-class Adafactor8Bit(KaonOptimizer):
+class Adafactor8Bit(KaonOptimizer, names=("Adafactor8Bit",)):
     r"""Adafactor with quantized state: log-space 8-bit second moments, optional 4-bit momentum,
     CAME confidence, APOLLO random-subspace scaling and the Fira norm-growth limiter.
 

@@ -18,7 +18,7 @@ from kaon.validation import BETAS, boolean, memory_checks, pair, real
 __all__ = ["Adakaon"]
 
 
-class Adakaon(KaonOptimizer):
+class Adakaon(KaonOptimizer, names=("Adakaon", "Adafusion")):
     r"""Adakaon: Adafactor's factored second moment with momentum taken after normalization.
 
     For a gradient ``g`` (fp32; seen as the matrix ``[R, C] = [shape[0], numel/shape[0]]`` when

@@ -64,7 +64,7 @@ def _rule(name: str, compiled: bool) -> Callable[..., Tensor]:
     return _COMPILED[name]
 
 
-class AdaMuon(KaonOptimizer):
+class AdaMuon(KaonOptimizer, names=("AdaMuon",)):
     r"""AdaMuon: orthogonalized momentum with an Adafactor-style factored second moment.
 
     For a parameter with two or more dimensions, seen as the matrix ``[R, C] = [shape[0],

@@ -25,7 +25,7 @@ _V_EPS = 1e-15
 _FACTORED_EPS_FLOOR = 1e-30
 
 
-class AdaPNM(KaonOptimizer):
+class AdaPNM(KaonOptimizer, names=("AdaPNM", "Janus")):
     r"""AdaPNM: Adam with positive-negative momentum (Xie et al., 2021) on kaon's backend.
 
     Two momentum buffers swap roles every step: at a parameter's step ``t`` (counted per

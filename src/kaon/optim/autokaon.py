@@ -50,7 +50,7 @@ TUNER_CHECKS = {
 }
 
 
-class Autokaon(Adakaon):
+class Autokaon(Adakaon, names=("Autokaon", "Autofusion")):
     r"""Adakaon with its learning rate discovered on the fly, then frozen into plain Adakaon.
 
     Train at ``lr=1.0``. Every step is Adakaon's exact update (see :class:`kaon.Adakaon`) at the

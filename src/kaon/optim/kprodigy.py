@@ -33,7 +33,7 @@ def _growth_rate(name: str, value: Any) -> None:
     real(0.0, low_inclusive=False)(name, value)
 
 
-class KProdigy(KaonOptimizer):
+class KProdigy(KaonOptimizer, names=("KProdigy", "K-Prodigy")):
     r"""Prodigy (Mishchenko & Defazio, 2023): Adam whose step size D is estimated on the fly.
 
     Train at ``lr=1.0``; ``lr`` scales the estimated step. With every default this is

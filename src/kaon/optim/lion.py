@@ -18,7 +18,7 @@ from kaon.validation import BETAS, boolean, memory_checks, real
 __all__ = ["Lion"]
 
 
-class Lion(KaonOptimizer):
+class Lion(KaonOptimizer, names=("Lion", "Liofusion")):
     r"""Lion (Chen et al., 2023, "Symbolic Discovery of Optimization Algorithms").
 
     One momentum buffer and no second moment. For a gradient ``g`` (fp32; matrices and conv

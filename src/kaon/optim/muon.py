@@ -69,7 +69,7 @@ def _coefficients(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be three real numbers (a, b, c); got {value!r}")
 
 
-class Muon(KaonOptimizer):
+class Muon(KaonOptimizer, names=("Muon",)):
     r"""Muon: momentum orthogonalized by Newton-Schulz for hidden matrices, AdamW for the rest.
 
     Orthogonalized path (a parameter seen as the matrix ``[R, C] = [out, in*kh*kw]``)::

@@ -24,7 +24,7 @@ _FACTOR = "ns_factor"
 _FACTOR_AGE = "ns_factor_age"  # Python int: steps since the cached factor was computed
 
 
-class OAdamW(KaonOptimizer):
+class OAdamW(KaonOptimizer, names=("OAdamW", "StableAdamW")):
     r"""OAdamW: optimi's StableAdamW, with Muon orthogonalization for chosen groups.
 
     For a gradient ``g`` (fp32), at the parameter's ``t``-th step (``t = 1, 2, ...``, a

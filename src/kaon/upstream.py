@@ -1,0 +1,151 @@
+"""Upstream argument names: the arguments of the projects kaon replaces, mapped onto kaon's.
+
+kaon replaces K-Optimizers, KempnerForge's optimizer module, OAdamW (and optimi's StableAdamW),
+adafactor8bit and K-Prodigy. A user switching libraries changes one import and keeps their
+calls, so every optimizer accepts the argument names its upstream counterpart documented. Each
+optimizer class lists them in one table, ``upstream_arguments`` (a dict ``name ->``
+:class:`Upstream`); :class:`kaon.KaonOptimizer` applies the table of the class (and of its base
+classes) to the keyword arguments before the class's own ``__init__`` runs, so a constructor
+never re-implements it. An entry either
+
+* **maps** the value onto kaon's own arguments (``rename``, or a function returning the kaon
+  keyword arguments, possibly none when the value is what kaon already does), or
+* **refuses** it with a ``ValueError`` that names the argument and says what to use in kaon
+  instead, for a value kaon has no equivalent for.
+
+The entries are listed per project, with the reasons, in ``docs/migrating.md``.
+
+Example::
+
+    class MyOptimizer(KaonOptimizer, names=("MyOptimizer",)):
+        upstream_arguments = {
+            "clip": rename("the original", "clip_threshold"),
+            "use_cuda_kernel": ignored("the original", "kaon picks its own kernels"),
+            "lag_norm": refused("the original", "kaon always clips with the current norm"),
+        }
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "Upstream",
+    "UnsupportedError",
+    "rename",
+    "ignored",
+    "refused",
+    "mapped",
+    "table",
+    "translate",
+]
+
+
+class UnsupportedError(Exception):
+    """Raised by a mapping function for a value kaon has no equivalent for; ``str`` says what to
+    use in kaon instead."""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One upstream argument.
+
+    project: the project that documented it (``"adafactor8bit"``, ``"K-Optimizers"``, ...).
+    rule: ``value -> {kaon_argument: value, ...}``; raises :class:`UnsupportedError` to refuse.
+    doc: one line for the migration table: what the argument becomes in kaon.
+    """
+
+    project: str
+    rule: Callable[[Any], dict[str, Any]]
+    doc: str
+
+
+def rename(project: str, to: str, convert: Callable[[Any], Any] | None = None,
+           doc: str = "") -> Upstream:
+    """The upstream argument is kaon's ``to`` (with ``convert`` applied to the value, if given).
+    ``convert`` may raise :class:`UnsupportedError` for values kaon cannot honour."""
+
+    def rule(value: Any) -> dict[str, Any]:
+        return {to: convert(value) if convert is not None else value}
+
+    return Upstream(project, rule, doc or f"`{to}`")
+
+
+def ignored(project: str, why: str, when: Callable[[Any], bool] | None = None,
+            use: str = "") -> Upstream:
+    """Accepted without effect, because kaon already does what it asks (``why``); with
+    ``when``, only for the values it accepts, the others refused with ``use``."""
+
+    def rule(value: Any) -> dict[str, Any]:
+        if when is not None and not when(value):
+            raise UnsupportedError(use)
+        return {}
+
+    return Upstream(project, rule, f"accepted, no effect: {why}")
+
+
+def refused(project: str, use: str, when: Callable[[Any], bool] | None = None) -> Upstream:
+    """Refused with ``use`` (what to use in kaon instead); with ``when``, only the values for
+    which ``when`` is true, the others (the upstream default, say) accepted without effect."""
+
+    def rule(value: Any) -> dict[str, Any]:
+        if when is None or when(value):
+            raise UnsupportedError(use)
+        return {}
+
+    return Upstream(project, rule, f"refused: {use}")
+
+
+def mapped(project: str, rule: Callable[[Any], dict[str, Any]], doc: str) -> Upstream:
+    """A general mapping: ``rule(value)`` returns the kaon keyword arguments."""
+    return Upstream(project, rule, doc)
+
+
+def table(cls: type) -> dict[str, Upstream]:
+    """The upstream table of ``cls``: its own ``upstream_arguments`` over its base classes'."""
+    merged: dict[str, Upstream] = {}
+    for klass in reversed(cls.__mro__):
+        merged.update(klass.__dict__.get("upstream_arguments", {}))
+    return merged
+
+
+def translate(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with every upstream argument of ``cls`` replaced by its kaon arguments.
+
+    Raises ``ValueError`` naming the argument (and what to use instead) for a refused value,
+    and when an upstream argument and the kaon argument it maps to are both given with
+    different values. Nothing is changed for names that are not in the table.
+    """
+    entries = table(cls)
+    owner = cls.__name__
+    if not entries or not any(name in entries for name in kwargs):
+        return kwargs
+    out = {k: v for k, v in kwargs.items() if k not in entries}
+    for name, value in kwargs.items():
+        entry = entries.get(name)
+        if entry is None:
+            continue
+        try:
+            produced = entry.rule(value)
+        except UnsupportedError as refusal:
+            raise ValueError(
+                f"{owner}: {entry.project}'s argument {name}={value!r} is not supported by "
+                f"kaon; {refusal}"
+            ) from None
+        for key, new in produced.items():
+            if key in out and key != name and not _same(out[key], new):
+                raise ValueError(
+                    f"{owner}: {entry.project}'s argument {name}={value!r} sets {key}={new!r}, "
+                    f"but {key}={out[key]!r} is given too; pass only one of them"
+                )
+            out[key] = new
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # tensors and other values without a plain truth value
+        return a is b
