@@ -123,6 +123,7 @@ def translate(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
     if not entries or not any(name in entries for name in kwargs):
         return kwargs
     out = {k: v for k, v in kwargs.items() if k not in entries}
+    set_keys: set[str] = set()
     for name, value in kwargs.items():
         entry = entries.get(name)
         if entry is None:
@@ -131,16 +132,18 @@ def translate(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
             produced = entry.rule(value)
         except UnsupportedError as refusal:
             raise ValueError(
-                f"{owner}: {entry.project}'s argument {name}={value!r} is not supported by "
-                f"kaon; {refusal}"
+                f"{owner}: {name}={value!r} (an argument of {entry.project}) is not supported "
+                f"by kaon; {refusal}"
             ) from None
         for key, new in produced.items():
-            if key in out and key != name and not _same(out[key], new):
+            clash = key != name or key in set_keys  # given as kaon's, or by another entry
+            if key in out and clash and not _same(out[key], new):
                 raise ValueError(
-                    f"{owner}: {entry.project}'s argument {name}={value!r} sets {key}={new!r}, "
-                    f"but {key}={out[key]!r} is given too; pass only one of them"
+                    f"{owner}: {name}={value!r} (an argument of {entry.project}) sets "
+                    f"{key}={new!r}, but {key}={out[key]!r} is given too; pass only one of them"
                 )
             out[key] = new
+            set_keys.add(key)
     return out
 
 
@@ -149,3 +152,38 @@ def _same(a: Any, b: Any) -> bool:
         return bool(a == b)
     except Exception:  # tensors and other values without a plain truth value
         return a is b
+
+
+# --------------------------------------------------------------------- shared upstream entries
+K_OPTIMIZERS = "K-Optimizers"
+
+
+def is_value(*accepted: Any) -> Callable[[Any], bool]:
+    return lambda value: any(value is a or (type(value) is type(a) and value == a)
+                             for a in accepted)
+
+
+def k_optimizers_auto_lr() -> dict[str, Upstream]:
+    """K-Optimizers 0.7.4's ``auto_lr`` flag and its knobs (Adakaon, Nekaon, Lion, AdaPNM,
+    AdaMuon): kaon has no per-optimizer auto-lr mixin; ``kaon.Autokaon`` is the parameter-free
+    Adakaon. The off values (the upstream defaults) are accepted."""
+    use = ("kaon has no auto_lr flag: use kaon.Autokaon(params, **adakaon_kwargs) (Adakaon with "
+           "its lr discovered by a distance estimate, then frozen), or set lr")
+    return {
+        "auto_lr": refused(K_OPTIMIZERS, use, when=lambda v: v is not False),
+        "auto_lr_scale": refused(K_OPTIMIZERS, "Autokaon's d_coef scales its estimate; " + use,
+                                 when=lambda v: not is_value(1.0, 1)(v)),
+        "auto_lr_fuse_rel": refused(K_OPTIMIZERS, "Autokaon's lr_cap bounds its estimate; " + use,
+                                    when=lambda v: not is_value(20.0, 20)(v)),
+        "auto_lr_d0": refused(K_OPTIMIZERS, "Autokaon's d0 is its starting estimate; " + use,
+                              when=lambda v: v is not None),
+    }
+
+
+def k_optimizers_fused_tile_cap() -> dict[str, Upstream]:
+    """``fused_tile_cap`` (Adakaon, AdaPNM): a tile-size bound of the upstream Triton kernels.
+    kaon's kernels size their own tiles; the value changes no number."""
+    return {"fused_tile_cap": ignored(
+        K_OPTIMIZERS, "kaon's Triton kernels size their own tiles (fused= chooses the kernel)",
+        when=lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
+        use="fused_tile_cap must be None or a positive int")}

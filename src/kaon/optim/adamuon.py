@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from kaon import ops
+from kaon import ops, upstream
 from kaon.engine import Batch, Slot
 from kaon.optimizer import KaonOptimizer
 from kaon.state import factored
@@ -127,6 +127,8 @@ class AdaMuon(KaonOptimizer, names=("AdaMuon",)):
         loss.backward(); opt.step(); opt.zero_grad()
     """
 
+    #: K-Optimizers arguments kaon maps or refuses (docs/migrating.md)
+    upstream_arguments = upstream.k_optimizers_auto_lr()
     hyperparameter_checks = {
         "lr": real(0.0),
         "betas": BETAS,

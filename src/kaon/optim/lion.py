@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kaon import ops
+from kaon import ops, upstream
 from kaon.engine import Batch, Slot
 from kaon.optimizer import KaonOptimizer
 from kaon.state import factored
@@ -71,6 +71,8 @@ class Lion(KaonOptimizer, names=("Lion", "Liofusion")):
         loss.backward(); opt.step(); opt.zero_grad()
     """
 
+    #: K-Optimizers arguments kaon maps or refuses (docs/migrating.md)
+    upstream_arguments = upstream.k_optimizers_auto_lr()
     hyperparameter_checks = {
         "lr": real(0.0),
         "betas": BETAS,
