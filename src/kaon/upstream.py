@@ -187,3 +187,57 @@ def k_optimizers_fused_tile_cap() -> dict[str, Upstream]:
         K_OPTIMIZERS, "kaon's Triton kernels size their own tiles (fused= chooses the kernel)",
         when=lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
         use="fused_tile_cap must be None or a positive int")}
+
+
+# ------------------------------------------------------------------- KempnerForge's config
+KEMPNERFORGE = "KempnerForge"
+#: KempnerForge's optimizer names -> kaon's registered names
+KEMPNERFORGE_NAMES = {"adamw": "AdamW", "lion": "Lion", "muon": "Muon",
+                      "schedule_free_adamw": "ScheduleFreeAdamW"}
+_KEMPNERFORGE_FIELDS = ("name", "lr", "weight_decay", "betas", "eps", "fused", "muon_momentum",
+                        "muon_ns_steps", "muon_adam_lr", "schedule_free_warmup_steps")
+
+
+def is_kempnerforge_config(value: Any) -> bool:
+    """Whether ``value`` looks like KempnerForge's ``OptimizerConfig`` (duck-typed: any object
+    with its ``name`` and ``muon_momentum`` attributes, such as
+    :class:`kaon.integrations.kempnerforge.OptimizerConfig` or KempnerForge's own)."""
+    return (not isinstance(value, (str, dict, type)) and hasattr(value, "name")
+            and hasattr(value, "muon_momentum"))
+
+
+def kempnerforge_config(config: Any) -> tuple[str, dict[str, Any]]:
+    """KempnerForge's ``OptimizerConfig`` as ``(kaon name, constructor kwargs)``.
+
+    The fields go where KempnerForge's builder sends them: ``lr`` and ``weight_decay`` to every
+    optimizer; ``betas`` and ``eps`` to AdamW and ScheduleFreeAdamW (Lion takes ``betas``
+    only, Muon ``adam_betas`` / ``adam_eps`` of its AdamW path); ``fused`` to AdamW (True:
+    torch's fused kernel where available, ``fused=None``); ``muon_momentum``,
+    ``muon_ns_steps`` and ``muon_adam_lr`` to Muon's ``momentum``, ``ns_steps`` and
+    ``adam_lr`` (None: the Muon lr, as upstream); ``schedule_free_warmup_steps`` to
+    ScheduleFreeAdamW's ``warmup_steps``. KempnerForge's rules are kept: Lion without kaon's
+    cautious mask and centralization and with float32 momentum, Muon without Nesterov.
+    Missing fields take KempnerForge's defaults. Raises ``ValueError`` for an unknown name.
+    """
+    from kaon.integrations.kempnerforge import OptimizerConfig  # the defaults, in one place
+
+    defaults = OptimizerConfig()
+    field = {f: getattr(config, f, getattr(defaults, f)) for f in _KEMPNERFORGE_FIELDS}
+    name = str(field["name"]).lower()
+    if name not in KEMPNERFORGE_NAMES:
+        raise ValueError(f"{KEMPNERFORGE} config: name must be one of "
+                         f"{', '.join(KEMPNERFORGE_NAMES)}; got {field['name']!r}")
+    kwargs: dict[str, Any] = {"lr": field["lr"], "weight_decay": field["weight_decay"]}
+    betas, eps = tuple(field["betas"]), field["eps"]
+    if name == "adamw":
+        kwargs.update(betas=betas, eps=eps, fused=None if field["fused"] else False)
+    elif name == "lion":
+        kwargs.update(betas=betas, cautious=False, gradient_centralization=False,
+                      momentum_dtype="float32")
+    elif name == "schedule_free_adamw":
+        kwargs.update(betas=betas, eps=eps, warmup_steps=field["schedule_free_warmup_steps"])
+    else:
+        kwargs.update(momentum=field["muon_momentum"], ns_steps=field["muon_ns_steps"],
+                      adam_betas=betas, adam_eps=eps, adam_lr=field["muon_adam_lr"],
+                      nesterov=False)
+    return KEMPNERFORGE_NAMES[name], kwargs
