@@ -216,7 +216,8 @@ def kempnerforge_config(config: Any) -> tuple[str, dict[str, Any]]:
     ``muon_ns_steps`` and ``muon_adam_lr`` to Muon's ``momentum``, ``ns_steps`` and
     ``adam_lr`` (None: the Muon lr, as upstream); ``schedule_free_warmup_steps`` to
     ScheduleFreeAdamW's ``warmup_steps``. KempnerForge's rules are kept: Lion without kaon's
-    cautious mask and centralization and with float32 momentum, Muon without Nesterov.
+    cautious mask and centralization and with float32 momentum, Muon without Nesterov and
+    with its Newton-Schulz iteration in float32.
     Missing fields take KempnerForge's defaults. Raises ``ValueError`` for an unknown name.
     """
     from kaon.integrations.kempnerforge import OptimizerConfig  # the defaults, in one place
@@ -239,5 +240,5 @@ def kempnerforge_config(config: Any) -> tuple[str, dict[str, Any]]:
     else:
         kwargs.update(momentum=field["muon_momentum"], ns_steps=field["muon_ns_steps"],
                       adam_betas=betas, adam_eps=eps, adam_lr=field["muon_adam_lr"],
-                      nesterov=False)
+                      nesterov=False, ns_dtype="float32")
     return KEMPNERFORGE_NAMES[name], kwargs

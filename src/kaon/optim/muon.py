@@ -186,12 +186,12 @@ class Muon(KaonOptimizer, names=("Muon",)):
         meanings of the defaults apply unless given: ``adam_lr=None`` (the AdamW path at the
         Muon lr, as upstream's ``adam_lr or lr``) and ``nesterov=False`` (upstream's plain
         heavy-ball momentum: after the Frobenius normalization kaon's EMA buffer gives the same
-        update).
+        update) and ``ns_dtype="float32"`` (upstream iterates in float32).
         """
         if len(args) < 2 or isinstance(args[1], (int, float, Tensor)):
             return args, kwargs
         groups = [*_routed(args[0], True), *_routed(args[1], False)]
-        kwargs = {"adam_lr": None, "nesterov": False, **kwargs}
+        kwargs = {"adam_lr": None, "nesterov": False, "ns_dtype": "float32", **kwargs}
         return (groups, *args[2:]), kwargs
 
     def __init__(
