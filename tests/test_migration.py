@@ -111,6 +111,21 @@ def test_kaon_list_and_bench_config_know_autokaon(capsys):
     assert bench.parse_config("Autokaon:lr_freeze=None").name == "Autokaon"
 
 
+def test_a_users_named_subclass_is_registered_but_not_exported():
+    before, aliases = dict(registry.OPTIMIZERS), dict(registry.ALIASES)
+    try:
+        class Mine(kaon.Lion, names=("MyLion", "my-lion")):
+            pass
+
+        assert registry.get("my-lion") is Mine and registry.get("mylion") is Mine
+        assert "MyLion" not in registry.builtin()
+    finally:
+        registry.OPTIMIZERS.clear()
+        registry.OPTIMIZERS.update(before)
+        registry.ALIASES.clear()
+        registry.ALIASES.update(aliases)
+
+
 def test_unregistered_subclass_stays_out_of_the_registry():
     before = dict(registry.OPTIMIZERS)
 

@@ -68,13 +68,15 @@ def register(name: str, cls: type[torch.optim.Optimizer]) -> None:
 def register_builtin(cls: type[torch.optim.Optimizer], names: tuple[str, ...]) -> None:
     """Register one of kaon's optimizers under ``names[0]``, with ``names[1:]`` as aliases.
 
-    Called by :class:`kaon.KaonOptimizer` for a subclass defined with ``names=(...)``; these
-    classes are kaon's exports (``kaon.__all__``, see :func:`builtin`).
+    Called by :class:`kaon.KaonOptimizer` for a subclass defined with ``names=(...)``; those
+    defined in ``kaon.optim`` are kaon's exports (``kaon.__all__``, see :func:`builtin`), a
+    user's class with ``names=`` is registered (and its aliases) but not exported.
     """
     if not names or not all(isinstance(n, str) and n.strip() for n in names):
         raise ValueError(f"register_builtin: {cls.__name__} needs non-empty names; got {names!r}")
     register(names[0], cls)
-    _BUILTIN[names[0].strip()] = cls
+    if cls.__module__.startswith("kaon.optim."):
+        _BUILTIN[names[0].strip()] = cls
     for alias in names[1:]:
         ALIASES[_normalize(alias)] = names[0].strip()
 
