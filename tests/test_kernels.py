@@ -18,6 +18,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from tolerance import ulp  # noqa: E402
+
 import kaon  # noqa: E402
 from kaon import kernels  # noqa: E402
 
@@ -107,10 +109,8 @@ def assert_step_close(before, after_ref, after_fused, rtol=1e-6):
     plus one rounding of the final ``p - delta`` (an ulp of the parameter, which a delta that
     differs in its last bit can flip)."""
     delta = (after_ref.detach() - before).double()
-    ulp = (torch.nextafter(after_ref.detach(), torch.full_like(after_ref.detach(), math.inf))
-           - after_ref.detach()).double().abs()
     err = (after_fused.detach().double() - after_ref.detach().double()).abs()
-    bound = rtol * delta.abs().max() + ulp
+    bound = rtol * delta.abs().max() + ulp(after_ref)
     assert bool((err <= bound).all()), float((err - bound).max())
 
 

@@ -29,13 +29,14 @@ Example::
 from __future__ import annotations
 
 import fnmatch
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from kaon import registry
+from kaon import registry, upstream
 from kaon.optim.muon import is_hidden_matrix
 
 __all__ = ["build_optimizer", "create_optimizer", "param_groups", "describe_groups", "NORM_TYPES"]
@@ -48,6 +49,7 @@ NORM_TYPES: tuple[type[nn.Module], ...] = tuple(
     ) if t is not None
 )
 HEAD_NAMES = ("lm_head", "head", "output", "classifier")
+_log = logging.getLogger("kaon")
 
 Overrides = Mapping[str, Mapping[str, Any]] | Sequence[tuple[str, Mapping[str, Any]]]
 
@@ -130,6 +132,9 @@ def _resolve(name_or_config: Any, kwargs: dict[str, Any]) -> tuple[type, dict[st
         return _resolve(name, {**config, **dict(args), **kwargs})
     if isinstance(name_or_config, type) and issubclass(name_or_config, torch.optim.Optimizer):
         return name_or_config, kwargs
+    if upstream.is_kempnerforge_config(name_or_config):
+        name, config_kwargs = upstream.kempnerforge_config(name_or_config)
+        return registry.get(name), {**config_kwargs, **kwargs}
     if isinstance(name_or_config, str):
         name, _, args = name_or_config.partition(":")
         return registry.get(name), {**registry.parse_kwargs(args), **kwargs}
@@ -151,7 +156,8 @@ def build_optimizer(
 
     ``name_or_config``: a registered name (``"AdamW"``, ``"kaon.Muon"``,
     ``"torch.optim.SGD"``), optionally with an argument string (``"Muon:lr=0.02"``), an
-    optimizer class, or a dict ``{"name": ..., **kwargs}``. ``kwargs`` go to the constructor as
+    optimizer class, a dict ``{"name": ..., **kwargs}``, or KempnerForge's ``OptimizerConfig``
+    (:mod:`kaon.integrations.kempnerforge`). ``kwargs`` go to the constructor as
     defaults (``weight_decay`` among them: the decayed groups use it, the others 0.0; when not
     given, the class's own default weight decay is used). Without ``lr``, the class's default lr
     applies (Muon's 0.02, not an AdamW value).
@@ -166,7 +172,26 @@ def build_optimizer(
     )
     if not groups:
         raise ValueError("build_optimizer: the model has no parameters with requires_grad=True")
+    _log_split(cls, groups)
     return cls(groups, **kwargs)
+
+
+def _log_split(cls: type, groups: list[dict[str, Any]]) -> None:
+    """Log the element counts per group (INFO, logger ``"kaon"``): decayed and not decayed,
+    and for Muon the orthogonalized and AdamW paths."""
+    if not _log.isEnabledFor(logging.INFO):
+        return
+
+    def count(selected: Iterable[dict[str, Any]]) -> int:
+        return sum(p.numel() for g in selected for _, p in g["params"])
+
+    decay = count(g for g in groups if g.get("weight_decay"))
+    _log.info("build_optimizer(%s): %s params with weight decay, %s without, in %d groups",
+              cls.__name__, f"{decay:,}", f"{count(groups) - decay:,}", len(groups))
+    if any("muon" in g for g in groups):
+        muon = count(g for g in groups if g.get("muon"))
+        _log.info("%s: %s params (NS-orthogonalized), %s params (AdamW path)", cls.__name__,
+                  f"{muon:,}", f"{count(groups) - muon:,}")
 
 
 def _default(cls: type, name: str, fallback: Any) -> Any:

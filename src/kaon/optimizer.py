@@ -9,6 +9,7 @@ stochastic-rounding random stream, dtype-preserving checkpoints and memory accou
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any, ClassVar
@@ -16,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from kaon import distributed, engine, kernels
+from kaon import distributed, engine, kernels, registry, upstream
 from kaon.engine import Batch, Slot
 from kaon.validation import Check, check_all, choice, integer
 
@@ -25,6 +26,25 @@ __all__ = ["KaonOptimizer", "NONFINITE_POLICIES"]
 NONFINITE_POLICIES = ("skip", "raise", "none")
 _CHECKPOINT_KEY = "kaon"
 _MAX_SEED = 2**63 - 1
+
+
+def _translating(init: Callable[..., None]) -> Callable[..., None]:
+    """``init`` behind the upstream translation of the outermost constructor call: a subclass's
+    ``super().__init__(...)`` passes kaon arguments already and is not translated again."""
+
+    @functools.wraps(init)
+    def _init(self: KaonOptimizer, *args: Any, **kwargs: Any) -> None:
+        if self.__dict__.get("_upstream_translated"):
+            return init(self, *args, **kwargs)
+        self.__dict__["_upstream_translated"] = True
+        try:
+            cls = type(self)
+            args, kwargs = cls.upstream_call(args, kwargs)
+            return init(self, *args, **upstream.translate(cls, kwargs))
+        finally:
+            self.__dict__.pop("_upstream_translated", None)
+
+    return _init
 
 
 class KaonOptimizer(torch.optim.Optimizer):
@@ -66,6 +86,31 @@ class KaonOptimizer(torch.optim.Optimizer):
     layout_keys: ClassVar[tuple[str, ...]] = ("bf16_method",)
     #: worst-case transient fp32 bytes per element of a batched step (sizes the stack budget)
     bytes_per_element: ClassVar[int] = 48
+    #: upstream argument name -> its kaon mapping or refusal (:mod:`kaon.upstream`); applied to
+    #: the keyword arguments before the class's ``__init__`` runs, merged over base classes
+    upstream_arguments: ClassVar[dict[str, upstream.Upstream]] = {}
+
+    def __init_subclass__(cls, *, names: tuple[str, ...] = (), **kwargs: Any) -> None:
+        """Register the subclass and install its upstream-argument translation.
+
+        ``names``: the registry names of the class (``class Adakaon(KaonOptimizer,
+        names=("Adakaon", "Adafusion"))``): the first is its name in ``kaon list``, ``kaon.__all__``
+        and :data:`kaon.registry.OPTIMIZERS`, the others are aliases (upstream names) that
+        :func:`kaon.registry.get` also resolves. A subclass without ``names`` (a user's or a
+        test's) is not registered.
+        """
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _translating(cls.__init__)  # type: ignore[method-assign]
+        if names:
+            registry.register_builtin(cls, tuple(names))
+
+    @classmethod
+    def upstream_call(cls, args: tuple[Any, ...], kwargs: dict[str, Any]
+                      ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Rewrite an upstream positional call form (``Muon(muon_params, adam_params)``) into
+        kaon's; the default changes nothing. Runs before ``upstream_arguments`` is applied."""
+        return args, kwargs
 
     def __init__(
         self,

@@ -24,12 +24,17 @@ from typing import Any
 
 import torch
 
-import kaon.optim
+__all__ = ["OPTIMIZERS", "ALIASES", "register", "register_builtin", "builtin", "get",
+           "parse_kwargs", "create"]
 
-__all__ = ["OPTIMIZERS", "register", "get", "parse_kwargs", "create"]
-
-#: registered name -> optimizer class; look names up with :func:`get` (case-insensitive)
+#: registered name -> optimizer class; look names up with :func:`get` (case-insensitive).
+#: kaon's own optimizers register themselves where they are defined (``names=`` on the class,
+#: see :class:`kaon.KaonOptimizer`); :func:`register` adds others.
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {}
+#: alias -> registered name: the names the original projects used (``"schedule_free_adamw"``,
+#: ``"Adafusion"``); resolved by :func:`get`, not listed by ``kaon list``
+ALIASES: dict[str, str] = {}
+_BUILTIN: dict[str, type[torch.optim.Optimizer]] = {}
 
 _PREFIXES = ("kaon.optim.", "kaon.")
 _BARE_WORD = re.compile(r"^[A-Za-z0-9_][\w.\-]*$")
@@ -60,12 +65,40 @@ def register(name: str, cls: type[torch.optim.Optimizer]) -> None:
     OPTIMIZERS[name.strip()] = cls
 
 
+def register_builtin(cls: type[torch.optim.Optimizer], names: tuple[str, ...]) -> None:
+    """Register one of kaon's optimizers under ``names[0]``, with ``names[1:]`` as aliases.
+
+    Called by :class:`kaon.KaonOptimizer` for a subclass defined with ``names=(...)``; those
+    defined in ``kaon.optim`` are kaon's exports (``kaon.__all__``, see :func:`builtin`), a
+    user's class with ``names=`` is registered (and its aliases) but not exported.
+    """
+    if not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise ValueError(f"register_builtin: {cls.__name__} needs non-empty names; got {names!r}")
+    register(names[0], cls)
+    if cls.__module__.startswith("kaon.optim."):
+        _BUILTIN[names[0].strip()] = cls
+    for alias in names[1:]:
+        ALIASES[_normalize(alias)] = names[0].strip()
+
+
+def builtin() -> dict[str, type[torch.optim.Optimizer]]:
+    """kaon's own optimizers by registered name: what ``kaon.__all__`` exports."""
+    import kaon.optim  # noqa: F401  (imports every optimizer module, which registers it)
+
+    return dict(_BUILTIN)
+
+
 def get(name: str) -> type[torch.optim.Optimizer]:
-    """The class registered as ``name``; ``"kaon.Adakaon"`` and ``"adakaon"`` both work.
+    """The class registered as ``name``; ``"kaon.Adakaon"``, ``"adakaon"``, the dotted module
+    path ``"kaon.optim.adakaon.Adakaon"`` and an upstream alias (``"schedule_free_adamw"``) all
+    work.
 
     Raises ``ValueError`` listing the known names when ``name`` is not registered.
     """
+    import kaon.optim  # noqa: F401  (the optimizers register themselves on import)
+
     wanted = _normalize(name)
+    wanted = _normalize(ALIASES.get(wanted, wanted))
     for key, cls in OPTIMIZERS.items():
         if _normalize(key) == wanted:
             return cls
@@ -82,8 +115,8 @@ def get(name: str) -> type[torch.optim.Optimizer]:
 def _import_class(path: str) -> type[torch.optim.Optimizer] | None:
     """``torch.optim.NAME`` or ``package.module.Class`` as an optimizer class, else None."""
     module_name, dot, attribute = path.rpartition(".")
-    if not dot or not module_name or path.lower().startswith("kaon."):
-        return None  # kaon's own names are registered
+    if not dot or not module_name:
+        return None
     try:
         cls = getattr(importlib.import_module(module_name), attribute, None)
     except ImportError:
@@ -187,15 +220,3 @@ def create(
     kwargs = dict(args) if isinstance(args, dict) else parse_kwargs(args)
     return get(name)(params, **kwargs)
 
-
-register("Adakaon", kaon.optim.Adakaon)
-register("AdamW", kaon.optim.AdamW)
-register("Muon", kaon.optim.Muon)
-register("Lion", kaon.optim.Lion)
-register("AdaMuon", kaon.optim.AdaMuon)
-register("KProdigy", kaon.optim.KProdigy)
-register("ScheduleFreeAdamW", kaon.optim.ScheduleFreeAdamW)
-register("OAdamW", kaon.optim.OAdamW)
-register("AdaPNM", kaon.optim.AdaPNM)
-register("Nekaon", kaon.optim.Nekaon)
-register("Adafactor8Bit", kaon.optim.Adafactor8Bit)

@@ -1,29 +1,18 @@
-"""One module per optimizer: its arguments, its state layout and its update rule."""
+"""One module per optimizer: its arguments, its state layout and its update rule.
 
-from kaon.optim.adafactor8bit import Adafactor8Bit
-from kaon.optim.adakaon import Adakaon
-from kaon.optim.adamuon import AdaMuon
-from kaon.optim.adamw import AdamW
-from kaon.optim.adapnm import AdaPNM
-from kaon.optim.autokaon import Autokaon
-from kaon.optim.kprodigy import KProdigy
-from kaon.optim.lion import Lion
-from kaon.optim.muon import Muon
-from kaon.optim.nekaon import Nekaon
-from kaon.optim.oadamw import OAdamW
-from kaon.optim.schedulefree_adamw import ScheduleFreeAdamW
+Every module here is imported, and each optimizer class registers itself where it is defined
+(``class Adakaon(KaonOptimizer, names=("Adakaon", ...))``), so the names exported here, by
+``kaon`` and by :mod:`kaon.registry` come from that one place: adding an optimizer is adding
+its module.
+"""
 
-__all__ = [
-    "Adafactor8Bit",
-    "Adakaon",
-    "AdaMuon",
-    "AdamW",
-    "AdaPNM",
-    "Autokaon",
-    "KProdigy",
-    "Lion",
-    "Muon",
-    "Nekaon",
-    "OAdamW",
-    "ScheduleFreeAdamW",
-]
+import importlib
+import pkgutil
+
+from kaon import registry
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
+    importlib.import_module(f"{__name__}.{_module}")
+
+globals().update(registry.builtin())
+__all__ = sorted(registry.builtin(), key=str.lower)

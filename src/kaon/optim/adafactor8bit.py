@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kaon import distributed, lowrank, ops
+from kaon import distributed, lowrank, ops, upstream
 from kaon.engine import Batch, Slot
 from kaon.optimizer import KaonOptimizer
 from kaon.precision import BF16_METHODS
@@ -26,7 +26,7 @@ from kaon.state.codecs import (
 )
 from kaon.validation import Check, boolean, check_all, choice, integer, optional, pair, real
 
-__all__ = ["Adafactor8Bit", "APOLLO_SCALE_TYPES", "PRESETS", "build_param_groups"]
+__all__ = ["Adafactor8Bit", "APOLLO_SCALE_TYPES", "PRESETS", "ROUTES", "build_param_groups"]
 
 APOLLO_SCALE_TYPES = ("channel", "tensor")
 _TINY = 1.17549435e-38  # smallest normal fp32, 2**-126
@@ -35,11 +35,35 @@ _SEED_INIT_LIMIT = 2**24  # initial seeds pass through fp32 exactly
 _UNIT = real(0.0, 1.0, high_inclusive=False)
 
 
+_A8 = "adafactor8bit"
+_M_QUANT_TYPES = {"uf4": "4bit", "uf8": "int8", "fp32": "float32"}
+
+
+def _momentum_quant_type(value: Any) -> str:
+    """adafactor8bit's ``m_quant_type`` as kaon's ``momentum_dtype``: uf4 (packed 4-bit block
+    absmax) is kaon's 4bit codec, uf8 (8-bit linear absmax) its int8 codec (per-row scales),
+    fp32 float32; d4 / d8 (dynamic codebooks) have no kaon codec."""
+    if value in _M_QUANT_TYPES:
+        return _M_QUANT_TYPES[value]
+    raise upstream.UnsupportedError(
+        "kaon has no dynamic-codebook momentum (d4, d8); use m_quant_type='uf4' / 'uf8' (or "
+        "momentum_dtype='4bit' / 'int8' / 'bfloat16' / 'float32')")
+
+
+def _writeback(value: Any) -> str:
+    if value is True:
+        return "stochastic_rounding"
+    if value is False:
+        return "none"
+    raise upstream.UnsupportedError("stochastic_round_writeback must be True or False "
+                                    "(or use bf16_method)")
+
+
 def _eps_check(name: str, value: Any) -> None:
     pair(optional(real(0.0)), real(0.0))(name, value)
 
 
-class Adafactor8Bit(KaonOptimizer):
+class Adafactor8Bit(KaonOptimizer, names=("Adafactor8Bit",)):
     r"""Adafactor with quantized state: log-space 8-bit second moments, optional 4-bit momentum,
     CAME confidence, APOLLO random-subspace scaling and the Fira norm-growth limiter.
 
@@ -155,6 +179,47 @@ class Adafactor8Bit(KaonOptimizer):
         opt = kaon.Adafactor8Bit(model.parameters(), lr=1e-3, relative_step=False)
         loss.backward(); opt.step(); opt.zero_grad()
     """
+
+    #: adafactor8bit (0.3.1 and 0.4.6) arguments kaon maps or refuses (docs/migrating.md); the
+    #: others (lr, betas, eps, d, factored, quantize, apollo_*, ...) are kaon's own already
+    upstream_arguments = {
+        "use_cuda_kernel": upstream.ignored(
+            _A8, "kaon runs one batched PyTorch path on every device (the same math as the "
+            "upstream fallback and kernels)", when=lambda v: isinstance(v, bool),
+            use="use_cuda_kernel must be True or False"),
+        "warmup_init": upstream.refused(
+            _A8, "kaon's relative step is min(lr, 1/sqrt(t)); for transformers.Adafactor's "
+            "min(1e-6 t, 1/sqrt(t)) warm-up use relative_step=False with a linear-warmup LR "
+            "scheduler", when=lambda v: v is not False),
+        "lag_norm": upstream.refused(
+            _A8, "kaon clips with the current step's exact norm (lag_norm=False)",
+            when=lambda v: v is not False),
+        "momentum_only_1d": upstream.refused(
+            _A8, "kaon's 1-D (full-rank) momentum is the EMA of the raw gradient, the 0.3.1 rule "
+            "(momentum_only_1d=False); None is accepted and means that rule",
+            when=lambda v: v not in (None, False)),
+        "warmup_multiplier": upstream.ignored(
+            _A8, "it only primed CUDA's caching allocator; no number changes",
+            when=lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+            use="warmup_multiplier must be a number >= 0"),
+        "m_quant_type": upstream.rename(
+            _A8, "momentum_dtype", _momentum_quant_type,
+            "`momentum_dtype`: uf4 -> '4bit', uf8 -> 'int8', fp32 -> 'float32'; d4/d8 refused"),
+        "v_quant_type": upstream.refused(
+            _A8, "kaon stores quantized second moments in its adaptive log-space 8-bit codec "
+            "(al8); for fp32 statistics use quantize=False (all state fp32) or raise "
+            "min_8bit_size", when=lambda v: v != "al8"),
+        "c_quant_type": upstream.refused(
+            _A8, "kaon stores CAME's confidence like the second moment (al8 when quantized); "
+            "for fp32 use quantize=False", when=lambda v: v not in (None, "al8")),
+        "stochastic_round_writeback": upstream.rename(
+            _A8, "bf16_method", _writeback,
+            "`bf16_method`: True -> 'stochastic_rounding', False -> 'none' (round to nearest)"),
+        "apollo_cache_proj": upstream.ignored(
+            _A8, "kaon regenerates APOLLO's projection from its seed on the device each step, "
+            "the same matrix the cache held", when=lambda v: isinstance(v, bool),
+            use="apollo_cache_proj must be True or False"),
+    }
 
     hyperparameter_checks: dict[str, Check] = {
         "lr": real(0.0),
@@ -630,7 +695,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                    eps=(1e-6, 1e-3), enable_fira_for_apollo=True),
     "adamw": dict(beta1=0.9, beta2=0.999, factored=False, relative_step=False,
                   scale_parameter=False, d=0.0, eps=(1e-8, 1e-3)),
+    # SGD mode: no second moment, unscaled, no clip; beta1 (None here) gives heavy-ball momentum
+    "sgd": dict(beta1=None, beta2=None, beta2_decay=None, relative_step=False,
+                scale_parameter=False, d=0.0),
+    # RMSprop: a full second moment at beta2 = 0.99 (the Adam denominator), no momentum
+    "rmsprop": dict(beta1=None, beta2=0.99, factored=False, relative_step=False,
+                    scale_parameter=False, d=0.0, eps=(1e-8, 1e-3)),
 }
+#: the groups (routes) build_param_groups makes, in order; a policy's keys
+ROUTES = ("sensitive", "embedding", "matrix", "matrix_full", "conv")
 
 
 def build_param_groups(
@@ -641,6 +714,8 @@ def build_param_groups(
     embedding_lr: float | None = None,
     apollo_rank: int = 256,
     beta1: float | None | str = "preset",
+    grouping: str = "auto",
+    policy: dict[str, Any] | str | None = None,
 ) -> list[dict[str, Any]]:
     """Parameter groups for :class:`Adafactor8Bit` following the recommended recipe.
 
@@ -666,8 +741,21 @@ def build_param_groups(
     (0.9 / 0.999, APOLLO with Fira, no clip), ``adamw`` (0.9 / 0.999, full second moment, Adam
     denominator, unscaled, no clip). ``beta1`` overrides the momentum of the ``matrix`` and
     ``conv`` groups (None: momentum-free, the smallest state); the default keeps the preset's.
+    ``sgd`` (SGD mode: no second moment, unscaled, no clip) and ``rmsprop`` (full second moment
+    at ``beta2=0.99``, no momentum, unscaled, no clip) complete adafactor8bit's preset list.
+
+    ``grouping``: ``"auto"`` (the only grouping, adafactor8bit's default). ``policy``: options
+    laid over the groups (adafactor8bit's JSON policy): a dict or a JSON string ``{"defaults":
+    {...}, "<route>": {...}}`` with routes from :data:`ROUTES`; ``defaults`` apply to every
+    group, a route's options to its group (defaults < preset < policy defaults < route). Every
+    option is checked as an :class:`Adafactor8Bit` group key when the optimizer is built; a
+    route with ``apollo_rank`` whose parameters are not 2-D or have a side not larger than the
+    rank raises ``ValueError`` here.
     Pass the result to ``Adafactor8Bit(groups, lr=...)``; group keys override the constructor's.
     """
+    if grouping != "auto":
+        raise ValueError(f"grouping must be 'auto' (kaon's only grouping); got {grouping!r}")
+    overlay = _policy(policy)
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(map(repr, PRESETS))}; got {preset!r}")
     real(0.0)("weight_decay", weight_decay)
@@ -724,4 +812,38 @@ def build_param_groups(
             groups[key]["param_names"].append(full)
     for key, group in groups.items():
         group["name"] = key
+        group.update(overlay.get("defaults", {}))
+        group.update(overlay.get(key, {}))
+        rank = group.get("apollo_rank", 0)
+        for name, p in zip(group["param_names"], group["params"]):
+            if rank and (p.ndim != 2 or min(p.shape) <= rank):
+                raise ValueError(
+                    f"policy: route {key!r} sets apollo_rank={rank}, but {name} has shape "
+                    f"{tuple(p.shape)} (APOLLO needs 2-D parameters with both sides larger than "
+                    "the rank)"
+                )
     return [g for g in groups.values() if g["params"]]
+
+
+def _policy(policy: dict[str, Any] | str | None) -> dict[str, dict[str, Any]]:
+    """A policy as ``{route or "defaults": {option: value}}``, checked for its shape."""
+    if policy is None:
+        return {}
+    if isinstance(policy, str):
+        import json
+
+        try:
+            policy = json.loads(policy)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"policy: not valid JSON ({error})") from None
+    if not isinstance(policy, dict):
+        raise TypeError(f"policy must be a dict or a JSON object string; got {type(policy).__name__}")
+    known = ("defaults", *ROUTES)
+    for route, options in policy.items():
+        if route not in known:
+            raise ValueError(f"policy: unknown route {route!r}; routes: {', '.join(known)}")
+        if not isinstance(options, dict) or any(k in ("params", "param_names", "name")
+                                                for k in options):
+            raise ValueError(f"policy: route {route!r} must map option names (not params) to "
+                             "values")
+    return policy

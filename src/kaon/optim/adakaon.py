@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kaon import ops
+from kaon import ops, upstream
 from kaon.engine import Batch, Slot
 from kaon.optimizer import KaonOptimizer
 from kaon.state import factored
@@ -18,7 +18,7 @@ from kaon.validation import BETAS, boolean, memory_checks, pair, real
 __all__ = ["Adakaon"]
 
 
-class Adakaon(KaonOptimizer):
+class Adakaon(KaonOptimizer, names=("Adakaon", "Adafusion")):
     r"""Adakaon: Adafactor's factored second moment with momentum taken after normalization.
 
     For a gradient ``g`` (fp32; seen as the matrix ``[R, C] = [shape[0], numel/shape[0]]`` when
@@ -80,6 +80,8 @@ class Adakaon(KaonOptimizer):
         loss.backward(); opt.step(); opt.zero_grad()
     """
 
+    #: K-Optimizers arguments kaon maps or refuses (docs/migrating.md)
+    upstream_arguments = {**upstream.k_optimizers_auto_lr(), **upstream.k_optimizers_fused_tile_cap()}
     hyperparameter_checks = {
         "lr": real(0.0),
         "betas": BETAS,

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from kaon import ops
+from kaon import ops, upstream
 from kaon.engine import Batch, Slot
 from kaon.optimizer import KaonOptimizer
 from kaon.state import factored
@@ -64,7 +64,7 @@ def _rule(name: str, compiled: bool) -> Callable[..., Tensor]:
     return _COMPILED[name]
 
 
-class AdaMuon(KaonOptimizer):
+class AdaMuon(KaonOptimizer, names=("AdaMuon",)):
     r"""AdaMuon: orthogonalized momentum with an Adafactor-style factored second moment.
 
     For a parameter with two or more dimensions, seen as the matrix ``[R, C] = [shape[0],
@@ -127,6 +127,8 @@ class AdaMuon(KaonOptimizer):
         loss.backward(); opt.step(); opt.zero_grad()
     """
 
+    #: K-Optimizers arguments kaon maps or refuses (docs/migrating.md)
+    upstream_arguments = upstream.k_optimizers_auto_lr()
     hyperparameter_checks = {
         "lr": real(0.0),
         "betas": BETAS,

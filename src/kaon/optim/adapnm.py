@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kaon import ops
+from kaon import ops, upstream
 from kaon.engine import Batch, Slot
 from kaon.optimizer import KaonOptimizer
 from kaon.state import factored
@@ -25,7 +25,7 @@ _V_EPS = 1e-15
 _FACTORED_EPS_FLOOR = 1e-30
 
 
-class AdaPNM(KaonOptimizer):
+class AdaPNM(KaonOptimizer, names=("AdaPNM", "Janus")):
     r"""AdaPNM: Adam with positive-negative momentum (Xie et al., 2021) on kaon's backend.
 
     Two momentum buffers swap roles every step: at a parameter's step ``t`` (counted per
@@ -97,6 +97,8 @@ class AdaPNM(KaonOptimizer):
         loss.backward(); opt.step(); opt.zero_grad()
     """
 
+    #: K-Optimizers arguments kaon maps or refuses (docs/migrating.md)
+    upstream_arguments = {**upstream.k_optimizers_auto_lr(), **upstream.k_optimizers_fused_tile_cap()}
     hyperparameter_checks = {
         "lr": real(0.0),
         "betas": BETAS,

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from kaon import distributed as _distributed
-from kaon import engine, ops
+from kaon import engine, ops, upstream
 from kaon.engine import Batch, Slot
 from kaon.optim.adakaon import Adakaon
 from kaon.state.codecs import FloatCodec
@@ -51,7 +51,30 @@ TUNER_CHECKS = {
 }
 
 
-class Autokaon(Adakaon):
+
+def _mechanic_betas(value: Any) -> dict[str, Any]:
+    """The historical Autokaon's ``betas`` were Mechanic's six tuner horizons; a pair is taken
+    as Adakaon's betas (what ``betas`` means for kaon's Autokaon)."""
+    if isinstance(value, (tuple, list)) and len(value) != 2:
+        raise upstream.UnsupportedError(
+            "six betas were the Mechanic tuner's horizons; kaon's Autokaon has no Mechanic tuner "
+            "(its rate comes from a Prodigy-style distance estimate, tuned by d_coef); pass "
+            "Adakaon's momentum betas as betas=(b1, b2) or adakaon_betas=(b1, b2)")
+    return {"betas": value}
+
+def _mechanic_eps(value: Any) -> dict[str, Any]:
+    """The historical Autokaon's float ``eps`` (1e-8) guarded Mechanic's divisions; a pair is
+    Adakaon's ``eps`` (what ``eps`` means for kaon's Autokaon)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value == 1e-8:
+            return {}
+        raise upstream.UnsupportedError(
+            "a float eps was Mechanic's guard (only its default 1e-8 is accepted); Adakaon's "
+            "eps is the pair (eps1, eps2), default (1e-30, 1e-3)")
+    return {"eps": value}
+
+
+class Autokaon(Adakaon, names=("Autokaon", "Autofusion")):
     r"""Adakaon with its learning rate discovered on the fly, then frozen into plain Adakaon.
 
     Train at ``lr=1.0``. Every step is Adakaon's exact update (see :class:`kaon.Adakaon`) at the
@@ -129,6 +152,35 @@ class Autokaon(Adakaon):
         loss.backward(); opt.step(); opt.zero_grad()
         print(opt.get_d(), opt.is_frozen(), opt.frozen_lr)
     """
+
+    #: the historical K-Optimizers Autokaon's arguments (its Mechanic tuner), mapped or refused
+    #: (docs/migrating.md); Adakaon's entries (auto_lr, fused_tile_cap) are inherited
+    upstream_arguments = {
+        "adakaon_betas": upstream.rename(
+            upstream.K_OPTIMIZERS, "betas", doc="`betas` (Adakaon's betas)"),
+        "betas": upstream.mapped(
+            upstream.K_OPTIMIZERS, _mechanic_betas,
+            "a pair: Adakaon's `betas`; six values (Mechanic's horizons): refused"),
+        "eps": upstream.mapped(
+            upstream.K_OPTIMIZERS, _mechanic_eps,
+            "a pair: Adakaon's `eps`; Mechanic's float 1e-8: accepted, no effect"),
+        "s_init": upstream.refused(
+            upstream.K_OPTIMIZERS, "Autokaon's starting estimate is d0 (default 1e-6); pass "
+            "d0=... instead", when=lambda v: v != "auto"),
+        "scale_cap": upstream.refused(
+            upstream.K_OPTIMIZERS, "Autokaon bounds its discovered rate with lr_cap (an "
+            "absolute cap, default 1.0); pass lr_cap=... instead", when=lambda v: v != "auto"),
+        "scale_cap_rel": upstream.refused(
+            upstream.K_OPTIMIZERS, "Autokaon's distance estimate needs no cap relative to its "
+            "seed; bound the rate with lr_cap=... instead",
+            when=lambda v: not upstream.is_value(6.0, 6)(v)),
+        "s_decay": upstream.refused(
+            upstream.K_OPTIMIZERS, "Mechanic's decay term has no counterpart; use "
+            "weight_decay for Adakaon's decoupled decay", when=lambda v: not upstream.is_value(0.01)(v)),
+        "foreach_warmup": upstream.ignored(
+            upstream.K_OPTIMIZERS, "the tuner's passes are always batched (foreach=)",
+            when=lambda v: isinstance(v, bool), use="foreach_warmup must be True or False"),
+    }
 
     def __init__(
         self,

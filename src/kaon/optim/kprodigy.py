@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kaon import engine, ops
+from kaon import engine, ops, upstream
 from kaon.engine import Batch, Slot
 from kaon.kernels import compiled
 from kaon.optimizer import KaonOptimizer
@@ -33,7 +33,7 @@ def _growth_rate(name: str, value: Any) -> None:
     real(0.0, low_inclusive=False)(name, value)
 
 
-class KProdigy(KaonOptimizer):
+class KProdigy(KaonOptimizer, names=("KProdigy", "K-Prodigy")):
     r"""Prodigy (Mishchenko & Defazio, 2023): Adam whose step size D is estimated on the fly.
 
     Train at ``lr=1.0``; ``lr`` scales the estimated step. With every default this is
@@ -79,13 +79,17 @@ class KProdigy(KaonOptimizer):
         weight_decay (float, default 0.0): weight decay, >= 0.
         decouple (bool, default True): AdamW-style decoupled weight decay (else added to the
             gradient).
-        use_bias_correction (bool, default False): Adam's bias correction in ``dlr``.
+        use_bias_correction (bool, default False): Adam's bias correction in ``dlr``, times
+            K-Prodigy's clamp ``min(max(d / d0, 0.1), 1)`` (1 unless ``growth_rate < 1`` lets D
+            fall below ``d0``).
         safeguard_warmup (bool, default False): leave lr out of ``s`` (Prodigy's warm-up guard).
         d0 (float, default 1e-6): initial D, > 0. Raise it (1e-5 .. 1e-4) if D grows too slowly.
         d_coef (float, default 1.0): multiplier of the D estimate (the preferred tuning knob).
         growth_rate (float, default inf): cap of D's growth per step (e.g. 1.02 for a warm-up).
         d_update_freq (int, default 1): update D every this many steps (>= 1); on the other
-            steps the statistics pass is skipped.
+            steps the statistics pass is skipped. K-Prodigy's code default was 5 (its own
+            changelog had announced 1); kaon keeps 1, prodigyopt's every-step estimate: 5 delays
+            D's growth (measured in docs/migrating.md).
         slice_p (int, default 1): keep the D statistics of every ``slice_p``-th element only
             (>= 1; 11 is a good memory/accuracy trade-off).
         independent_d (bool | None, default None): one D per parameter group (then groups may
@@ -142,6 +146,19 @@ class KProdigy(KaonOptimizer):
         loss.backward(); opt.step(); opt.zero_grad()
         print(opt.get_d() * opt.param_groups[0]["lr"])  # the effective learning rate
     """
+
+    #: arguments of reference Prodigy (prodigyopt) and K-Prodigy / K-Optimizers' KProdigy that
+    #: kaon maps or refuses (docs/migrating.md); the rest are kaon's own arguments already
+    upstream_arguments = {
+        "factor_conv_as_matrix": upstream.refused(
+            upstream.K_OPTIMIZERS, "kaon always factors a conv kernel as the [out, in*kh*kw] "
+            "matrix (factor_conv_as_matrix=True); for a per-element second moment of a conv "
+            "use second_moment='full' (the default)", when=lambda v: v is not True),
+        "fsdp_in_use": upstream.ignored(
+            "prodigyopt", "kaon finds FSDP2 (DTensor) parameters itself and reduces D's sums "
+            "over the ranks (docs/distributed.md)",
+            when=lambda v: isinstance(v, bool), use="fsdp_in_use must be True or False"),
+    }
 
     hyperparameter_checks = {
         "lr": real(0.0),
@@ -321,6 +338,10 @@ class KProdigy(KaonOptimizer):
             bc = 1.0
             if lead["use_bias_correction"]:
                 bc = ((1 - beta2 ** (k + 1)) ** 0.5) / (1 - beta1 ** (k + 1))
+                # K-Prodigy's adaptive clamp: while D is below d0 (only possible with
+                # growth_rate < 1) the correction is damped by d / d0, never below 0.1; with
+                # d >= d0 (always, for growth_rate >= 1) it is prodigyopt's bc exactly
+                bc *= min(max(d / d0, 0.1), 1.0)
             lr = max(g["lr"] for g in scope)
             dlr = d * lr * bc
             update_d = k % lead["d_update_freq"] == 0

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kaon import ops
+from kaon import ops, upstream
 from kaon.engine import Batch, Slot
 from kaon.optimizer import KaonOptimizer
 from kaon.state import factored
@@ -18,7 +18,7 @@ from kaon.validation import BETAS, boolean, memory_checks, real
 __all__ = ["Lion"]
 
 
-class Lion(KaonOptimizer):
+class Lion(KaonOptimizer, names=("Lion", "Liofusion")):
     r"""Lion (Chen et al., 2023, "Symbolic Discovery of Optimization Algorithms").
 
     One momentum buffer and no second moment. For a gradient ``g`` (fp32; matrices and conv
@@ -71,6 +71,8 @@ class Lion(KaonOptimizer):
         loss.backward(); opt.step(); opt.zero_grad()
     """
 
+    #: K-Optimizers arguments kaon maps or refuses (docs/migrating.md)
+    upstream_arguments = upstream.k_optimizers_auto_lr()
     hyperparameter_checks = {
         "lr": real(0.0),
         "betas": BETAS,

@@ -94,7 +94,21 @@ def _bounded_iteration(a: float, b: float, c: float) -> bool:
     return any(bound >= 1.0 and worst <= bound for bound, worst in peaks)
 
 
-class Muon(KaonOptimizer):
+def _routed(params: Any, muon: bool) -> list[dict[str, Any]]:
+    """``params`` (tensors or group dicts) as groups with ``muon`` set (a group's own ``muon``
+    key is overridden: the list it came in decides)."""
+    if isinstance(params, Tensor):
+        params = [params]
+    items = list(params)
+    if items and all(isinstance(item, dict) for item in items):
+        return [{**item, "muon": muon} for item in items]
+    if any(isinstance(item, dict) for item in items):
+        raise TypeError("Muon(muon_params, adam_params): each list must hold tensors or groups, "
+                        "not both")
+    return [{"params": items, "muon": muon}] if items else []
+
+
+class Muon(KaonOptimizer, names=("Muon",)):
     r"""Muon: momentum orthogonalized by Newton-Schulz for hidden matrices, AdamW for the rest.
 
     Orthogonalized path (a parameter seen as the matrix ``[R, C] = [out, in*kh*kw]``)::
@@ -186,6 +200,24 @@ class Muon(KaonOptimizer):
         "bf16_method": choice(*BF16_METHODS),
     }
     layout_keys = ("muon", "momentum_dtype", "adam_state_dtype", "bf16_method")
+
+    @classmethod
+    def upstream_call(cls, args: tuple[Any, ...], kwargs: dict[str, Any]
+                      ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """KempnerForge's two-list call ``Muon(muon_params, adam_params, lr=0.02, ...)``.
+
+        The first list's parameters (tensors or groups) take the orthogonalized path
+        (``muon=True``), the second's the AdamW path (``muon=False``), and KempnerForge's
+        meanings of the defaults apply unless given: ``adam_lr=None`` (the AdamW path at the
+        Muon lr, as upstream's ``adam_lr or lr``) and ``nesterov=False`` (upstream's plain
+        heavy-ball momentum: after the Frobenius normalization kaon's EMA buffer gives the same
+        update) and ``ns_dtype="float32"`` (upstream iterates in float32).
+        """
+        if len(args) < 2 or isinstance(args[1], (int, float, Tensor)):
+            return args, kwargs
+        groups = [*_routed(args[0], True), *_routed(args[1], False)]
+        kwargs = {"adam_lr": None, "nesterov": False, "ns_dtype": "float32", **kwargs}
+        return (groups, *args[2:]), kwargs
 
     def __init__(
         self,

@@ -33,7 +33,7 @@ def _displacement(m: Tensor, record: Tensor, out: Tensor | None = None) -> Tenso
     return e.nan_to_num_(nan=0.0).clamp_(min=bound.neg(), max=bound)
 
 
-class Nekaon(Adakaon):
+class Nekaon(Adakaon, names=("Nekaon",)):
     r"""Nekaon: Adakaon whose gradient is taken about ``k`` optimizer steps ahead.
 
     Between steps the weights carry the displacement ``e = clamp(-k lr m, -k c lr, +k c lr)``

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kaon import ops
+from kaon import ops, upstream
 from kaon.engine import Batch, Slot
 from kaon.optimizer import KaonOptimizer
 from kaon.precision import BF16_METHODS
@@ -24,7 +24,28 @@ _FACTOR = "ns_factor"
 _FACTOR_AGE = "ns_factor_age"  # Python int: steps since the cached factor was computed
 
 
-class OAdamW(KaonOptimizer):
+_OPTIMI = "optimi / OAdamW"
+
+
+def _kahan_sum(value: Any) -> str:
+    """optimi's ``kahan_sum`` as ``bf16_method``: None (Kahan for bf16/fp16 weights) and True
+    are kaon's ``"kahan"``, False is the plain low-precision add, ``"none"``."""
+    if value is None or value is True:
+        return "kahan"
+    if value is False:
+        return "none"
+    raise upstream.UnsupportedError("kahan_sum must be None, True or False (or use bf16_method)")
+
+
+def _foreach(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, bool):
+        return value
+    raise upstream.UnsupportedError("foreach must be None, True or False")
+
+
+class OAdamW(KaonOptimizer, names=("OAdamW", "StableAdamW")):
     r"""OAdamW: optimi's StableAdamW, with Muon orthogonalization for chosen groups.
 
     For a gradient ``g`` (fp32), at the parameter's ``t``-th step (``t = 1, 2, ...``, a
@@ -117,6 +138,46 @@ class OAdamW(KaonOptimizer):
         "bf16_method": choice(*BF16_METHODS),
     }
     layout_keys = ("muon", "update_proj_gap", "bf16_method")
+    #: optimi StableAdamW / OAdamW arguments kaon maps or refuses (docs/migrating.md);
+    #: ``training_args`` is read by :meth:`upstream_call`
+    upstream_arguments = {
+        "kahan_sum": upstream.rename(
+            _OPTIMI, "bf16_method", _kahan_sum,
+            "`bf16_method`: None / True -> 'kahan' (the default), False -> 'none'"),
+        "foreach": upstream.rename(
+            _OPTIMI, "foreach", _foreach, "`foreach`: None -> True (kaon batches every path)"),
+        "triton": upstream.ignored(
+            _OPTIMI, "kaon picks its own execution path; the math is the same",
+            when=lambda v: v is None or isinstance(v, bool),
+            use="triton must be None, True or False"),
+        "gradient_release": upstream.ignored(
+            _OPTIMI, "every kaon optimizer steps one parameter at a time when "
+            "kaon.prepare_for_gradient_release(model, opt) registers the hooks (optimi's "
+            "prepare_for_gradient_release call becomes kaon's)",
+            when=lambda v: isinstance(v, bool), use="gradient_release must be True or False"),
+    }
+
+    @classmethod
+    def upstream_call(cls, args: tuple[Any, ...], kwargs: dict[str, Any]
+                      ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """OAdamW's ``OAdamW(params, training_args, ...)``: an object passed second (or as
+        ``training_args=``) with ``learning_rate`` / ``weight_decay`` attributes overrides
+        ``lr`` / ``weight_decay`` where those attributes are not None, as upstream."""
+        if len(args) >= 2 and not isinstance(args[1], (int, float, Tensor)):
+            if "training_args" in kwargs:
+                raise TypeError("OAdamW: training_args given twice (positionally and by name)")
+            kwargs = {**kwargs, "training_args": args[1]}
+            args = (args[0], *args[2:])
+        training_args = kwargs.pop("training_args", None)
+        if training_args is not None:
+            for attribute, key in (("learning_rate", "lr"), ("weight_decay", "weight_decay")):
+                if not hasattr(training_args, attribute):
+                    raise TypeError(f"OAdamW: training_args has no attribute {attribute!r} "
+                                    "(a transformers.TrainingArguments-like object is expected)")
+                value = getattr(training_args, attribute)
+                if value is not None:
+                    kwargs[key] = value
+        return args, kwargs
 
     def __init__(
         self,

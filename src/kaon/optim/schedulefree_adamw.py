@@ -20,7 +20,7 @@ _MODE = "train_mode"
 _TRAIN_POINT = "y"  # the training weights, held in the state while in eval mode
 
 
-class ScheduleFreeAdamW(KaonOptimizer):
+class ScheduleFreeAdamW(KaonOptimizer, names=("ScheduleFreeAdamW", "schedule_free_adamw")):
     r"""Schedule-Free AdamW: iterate averaging instead of a learning-rate schedule.
 
     Three sequences share the memory of two: ``z`` (the base AdamW-like iterate, in the state),
