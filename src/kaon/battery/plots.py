@@ -147,7 +147,7 @@ def _curves(plt, rows, out: Path, target: float) -> Path:
             pad = 0.05 * (high - low or abs(high) or 1.0)
             ax.set_ylim(low - pad, high + pad)
     fig.suptitle("Held-out loss during training (scheduled runs; lower is better; "
-                 "last 60 % of training shown)")
+                 "y axis zoomed to the last 60 % of training)")
     fig.tight_layout()
     _legend(fig, rows)
     path = out / "heldout_curves.png"
