@@ -136,6 +136,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=_positive, metavar="N",
                    help="torch.set_num_threads(N) (default 1: tiny models run fastest on one "
                    "thread, and results depend on the thread count)")
+    t.add_argument("--jobs", type=_positive, metavar="N",
+                   help="worker processes for the training runs (default: the usable CPUs, at "
+                   "most 4); results do not depend on it, and step times are always timed "
+                   "afterwards in one process")
     t.add_argument("--out", default="battery-out", metavar="DIR",
                    help="output folder (default battery-out)")
     t.add_argument("--render-only", action="store_true",
@@ -174,6 +178,7 @@ def _battery(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                                           + "-".join(map(str, seeds)))
         battery.run_battery(entries, profile=profile, out=args.out, device=args.device,
                             threads=args.threads or 1, render_only=args.render_only,
+                            jobs=args.jobs or battery.default_jobs(),
                             progress=not args.no_progress)
     except (ValueError, TypeError, OSError, RuntimeError) as error:
         print(f"kaon battery: error: {error}", file=sys.stderr)

@@ -9,8 +9,9 @@ small denoising task the optimizer tests also use.
 
 from kaon.battery.core import PROFILES, Profile, RunRecord
 from kaon.battery.registry import ENTRIES, Entry, entry_from_spec, select
-from kaon.battery.runner import run_battery
+from kaon.battery.runner import default_jobs, run_battery
 from kaon.battery.tasks import DenoiseTask, TaskResult, make_images, run_denoise
 
 __all__ = ["DenoiseTask", "ENTRIES", "Entry", "PROFILES", "Profile", "RunRecord", "TaskResult",
-           "entry_from_spec", "make_images", "run_battery", "run_denoise", "select"]
+           "default_jobs", "entry_from_spec", "make_images", "run_battery", "run_denoise",
+           "select"]

@@ -1,9 +1,9 @@
 """What the battery measures: profiles, run records, the training loop and LR schedules.
 
 A *task* trains a small real model with one optimizer at one learning rate, schedule and seed
-and returns a :class:`RunRecord`: the held-out and train-split losses at evenly spaced
-checkpoints, the steady-state milliseconds per training step, and the optimizer's state bytes
-per parameter. Everything a task needs is generated in-process or ships inside an installed
+and returns a :class:`RunRecord`: the held-out curve at evenly spaced checkpoints, the final
+held-out and train-split losses, and the optimizer's state bytes per parameter. Step times are
+not part of a run: :mod:`kaon.battery.timing` measures them for all entries together. Everything a task needs is generated in-process or ships inside an installed
 package; nothing is downloaded.
 """
 
@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "Profile", "PROFILES", "RunRecord", "rex_multiplier", "state_bytes_per_param", "train",
+    "Profile", "PROFILES", "RunRecord", "checkpoint_steps", "rex_multiplier",
+    "state_bytes_per_param", "train",
 ]
 
 
@@ -35,7 +36,8 @@ class Profile:
     batch: int
     resolutions: tuple[int, ...]
     checkpoints: int
-    eval_draws: int
+    eval_draws: int  # (noise, timestep) draws per image of the final held-out / train losses
+    curve_draws: int  # draws per image of the held-out curve (the first curve_draws draws)
     sample_steps: int
     # language model
     lm_width: int
@@ -45,6 +47,8 @@ class Profile:
     # LoRA bag step time
     lora_tensors: int
     lora_reps: int
+    timing_rounds: int = 3  # step timing: round-robin rounds over the entries
+    timing_steps: int = 6  # step timing: timed diffusion steps per entry and round
     noise_seed: int = 1  # the extra seed of the reference optimizer (seed-noise estimate)
     tasks: tuple[str, ...] = ("diffusion", "images", "lm")
     constant_tasks: tuple[str, ...] = ("diffusion",)
@@ -53,25 +57,33 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     # a laptop CPU: the default set in a few minutes on 2 cores
     "quick": Profile("quick", seeds=(0,), width=16, steps=240, batch=8,
-                     resolutions=(8, 12, 16), checkpoints=8, eval_draws=4, sample_steps=25,
+                     resolutions=(8, 12, 16), checkpoints=8, eval_draws=4, curve_draws=2,
+                     sample_steps=25,
                      lm_width=48, lm_layers=2, lm_steps=240, lm_batch=16,
-                     lora_tensors=512, lora_reps=20),
+                     lora_tensors=512, lora_reps=12),
     # the upstream protocol sizes (C=128, N=2000, two seeds, 64x64 images): meant for a GPU
     "full": Profile("full", seeds=(0, 1), width=128, steps=2000, batch=8,
-                    resolutions=(32, 48, 64), checkpoints=16, eval_draws=8, sample_steps=100,
+                    resolutions=(32, 48, 64), checkpoints=16, eval_draws=8, curve_draws=4,
+                    sample_steps=100,
                     lm_width=256, lm_layers=4, lm_steps=2000, lm_batch=32,
                     lora_tensors=512, lora_reps=50),
     # for tests: seconds end to end
     "tiny": Profile("tiny", seeds=(0,), width=8, steps=12, batch=4,
-                    resolutions=(8,), checkpoints=2, eval_draws=1, sample_steps=4,
+                    resolutions=(8,), checkpoints=2, eval_draws=1, curve_draws=1, sample_steps=4,
                     lm_width=16, lm_layers=1, lm_steps=12, lm_batch=4,
-                    lora_tensors=16, lora_reps=3),
+                    lora_tensors=16, lora_reps=3, timing_rounds=1, timing_steps=2),
 }
 
 
 @dataclass
 class RunRecord:
-    """One training run of one optimizer on one task."""
+    """One training run of one optimizer on one task.
+
+    ``heldout`` is the held-out curve at ``steps`` (the cheap estimator evaluated at every
+    checkpoint); ``heldout_loss`` and ``train_loss`` are the end-of-run losses on the held-out
+    and train splits (the full estimator, evaluated once). Runs record no timings that the report
+    uses: step times are measured separately, for every entry together (:mod:`kaon.battery.timing`).
+    """
 
     task: str
     schedule: str
@@ -79,38 +91,44 @@ class RunRecord:
     lr: float
     steps: list[int] = field(default_factory=list)
     heldout: list[float] = field(default_factory=list)
-    train: list[float] = field(default_factory=list)
-    ms_per_step: float = math.nan
+    heldout_loss: float = math.nan
+    train_loss: float = math.nan
     bytes_per_param: float = math.nan
     diverged: bool = False
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the run (profiling only; never reported)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def finished(self) -> bool:
+        return (not self.diverged and math.isfinite(self.heldout_loss)
+                and math.isfinite(self.train_loss))
+
+    @property
     def final_heldout(self) -> float:
-        return self.heldout[-1] if self.heldout and not self.diverged else math.inf
+        return self.heldout_loss if self.finished else math.inf
 
     @property
     def final_train(self) -> float:
-        return self.train[-1] if self.train and not self.diverged else math.inf
+        return self.train_loss if self.finished else math.inf
 
     @property
     def gap(self) -> float:
-        if self.diverged or not self.heldout:
-            return math.inf
-        return self.heldout[-1] - self.train[-1]
+        return self.heldout_loss - self.train_loss if self.finished else math.inf
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("heldout", "train"):
-            data[key] = [None if not math.isfinite(v) else v for v in data[key]]
+        data["heldout"] = [None if not math.isfinite(v) else v for v in data["heldout"]]
+        for key in ("heldout_loss", "train_loss", "bytes_per_param"):
+            data[key] = data[key] if math.isfinite(data[key]) else None
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunRecord:
         data = dict(data)
-        for key in ("heldout", "train"):
-            data[key] = [math.inf if v is None else v for v in data.get(key, [])]
+        data["heldout"] = [math.inf if v is None else v for v in data.get("heldout", [])]
+        for key in ("heldout_loss", "train_loss", "bytes_per_param"):
+            if data.get(key) is None:
+                data[key] = math.nan
         return cls(**data)
 
 
@@ -152,6 +170,11 @@ def set_mode(opt: torch.optim.Optimizer, training: bool) -> None:
         method()
 
 
+def checkpoint_steps(steps: int, checkpoints: int) -> list[int]:
+    """The steps (1-based, the last one included) at which the held-out curve is evaluated."""
+    return sorted({max(1, round(steps * (k + 1) / checkpoints)) for k in range(checkpoints)})
+
+
 def train(
     model: nn.Module,
     opt: torch.optim.Optimizer,
@@ -159,44 +182,39 @@ def train(
     steps: int,
     schedule: str,
     loss_at_step: Callable[[int], torch.Tensor],
-    evaluate: Callable[[], tuple[float, float]],
+    evaluate_curve: Callable[[], float],
+    evaluate_final: Callable[[], tuple[float, float, float]],
     checkpoints: int,
     record: RunRecord,
     progress: Callable[[int], None] | None = None,
-    warmup_timing: int = 10,
 ) -> RunRecord:
     """Train for ``steps`` steps and fill ``record``.
 
-    ``loss_at_step(i)`` computes the training loss of step ``i`` (gradients are taken here);
-    ``evaluate()`` returns ``(train_split_loss, heldout_loss)`` and is run, bracketed by
-    ``opt.eval()`` / ``opt.train()`` when the optimizer has both, at ``checkpoints`` evenly
-    spaced steps (the last one included). ``schedule`` is ``"rex"`` or ``"constant"``; each
-    group's own base lr is scaled, so per-group ratios survive. A non-finite loss stops the run
-    and marks it diverged.
+    ``loss_at_step(i)`` computes the training loss of step ``i`` (gradients are taken here).
+    At ``checkpoints`` evenly spaced steps the model is evaluated, bracketed by ``opt.eval()`` /
+    ``opt.train()`` when the optimizer has both: ``evaluate_curve()`` returns the held-out
+    curve's value; at the last step ``evaluate_final()`` instead returns ``(curve value,
+    train-split loss, held-out loss)``, so the train split is evaluated once. ``schedule`` is
+    ``"rex"`` or ``"constant"``; each group's own base lr is scaled, so per-group ratios
+    survive. A non-finite loss stops the run and marks it diverged.
     """
     if schedule not in ("rex", "constant"):
         raise ValueError(f"schedule must be 'rex' or 'constant'; got {schedule!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1; got {steps}")
     set_mode(opt, True)  # schedulefree's reference optimizers start in eval mode
     base = [group["lr"] for group in opt.param_groups]
-    first = next(model.parameters(), None)
-    on_cuda = first is not None and first.device.type == "cuda"
-    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
-    marks = sorted({max(1, round(steps * (k + 1) / checkpoints)) for k in range(checkpoints)})
-    times: list[float] = []
+    marks = set(checkpoint_steps(steps, checkpoints))
     started = time.perf_counter()
     for step in range(steps):
         if schedule == "rex":
             factor = rex_multiplier(step / steps)
             for group, lr in zip(opt.param_groups, base):
                 group["lr"] = lr * factor
-        sync()
-        tick = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = loss_at_step(step)
         loss.backward()
         opt.step()
-        sync()
-        times.append(time.perf_counter() - tick)
         if not torch.isfinite(loss):
             record.diverged = True
             break
@@ -204,19 +222,21 @@ def train(
             set_mode(opt, False)
             model.eval()
             with torch.no_grad():
-                train_loss, heldout = evaluate()
+                if step + 1 == steps:
+                    curve, train_loss, heldout = evaluate_final()
+                else:
+                    curve, train_loss, heldout = evaluate_curve(), 0.0, 0.0
             model.train()
             set_mode(opt, True)
-            if not (math.isfinite(train_loss) and math.isfinite(heldout)):
+            if not all(map(math.isfinite, (curve, train_loss, heldout))):
                 record.diverged = True
                 break
             record.steps.append(step + 1)
-            record.train.append(train_loss)
-            record.heldout.append(heldout)
+            record.heldout.append(curve)
+            if step + 1 == steps:
+                record.train_loss, record.heldout_loss = train_loss, heldout
         if progress is not None:
             progress(1)
-    timed = sorted(times[warmup_timing:] or times)
-    record.ms_per_step = 1e3 * timed[len(timed) // 2] if timed else math.nan
     record.bytes_per_param = state_bytes_per_param(opt, model)
     record.seconds = time.perf_counter() - started
     return record

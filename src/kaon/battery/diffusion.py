@@ -12,7 +12,9 @@ progressive-resolution curriculum of the upstream battery: the first 40 % of the
 the lowest and highest resolution, the next 40 % the middle and highest, the last 20 % the
 highest only (each resolution is normalized to zero mean and unit standard deviation over the
 set). The held-out and train-split losses are the epsilon-MSE over fixed noise and timestep
-draws at the highest resolution (:func:`kaon.battery.tasks.evaluate`). After training, a few
+draws at the highest resolution (:func:`kaon.battery.tasks.evaluate_draws`): the held-out curve
+uses the first ``profile.curve_draws`` draws at every checkpoint, the final losses all
+``profile.eval_draws`` draws (the train split is evaluated once, at the end). After training, a few
 images are sampled deterministically (DDIM, eta = 0, from fixed noise) for the report's grid.
 """
 
@@ -26,7 +28,14 @@ from torch import Tensor, nn
 from torch.nn import functional
 
 from kaon.battery.core import Profile, RunRecord, set_mode, train
-from kaon.battery.tasks import _noise_loss, alpha_bars, build_denoiser, evaluate, make_images
+from kaon.battery.tasks import (
+    _noise_loss,
+    alpha_bars,
+    build_denoiser,
+    evaluate,
+    evaluate_draws,
+    make_images,
+)
 
 __all__ = ["DiffusionTask", "resolution_schedule", "ddim_samples", "face_images"]
 
@@ -137,15 +146,23 @@ class DiffusionTask:
             noise = torch.randn(x0.shape, generator=gen).to(device)
             return _noise_loss(model, x0, t, noise, bars)
 
-        def evaluate_both() -> tuple[float, float]:
-            images = data[top]
-            return (evaluate(model, images[:TRAIN_IMAGES], bars, profile.eval_draws),
-                    evaluate(model, images[TRAIN_IMAGES:], bars, profile.eval_draws))
+        heldout_images, train_images = data[top][TRAIN_IMAGES:], data[top][:TRAIN_IMAGES]
+        curve_draws = min(profile.curve_draws, profile.eval_draws)
+
+        def evaluate_curve() -> float:
+            values = evaluate_draws(model, heldout_images, bars, curve_draws)
+            return sum(values) / len(values)
+
+        def evaluate_final() -> tuple[float, float, float]:
+            values = evaluate_draws(model, heldout_images, bars, profile.eval_draws)
+            return (sum(values[:curve_draws]) / curve_draws,
+                    evaluate(model, train_images, bars, profile.eval_draws),
+                    sum(values) / len(values))
 
         record = RunRecord(self.name, schedule, seed, lr)
         train(model, opt, steps=profile.steps, schedule=schedule, loss_at_step=loss_at_step,
-              evaluate=evaluate_both, checkpoints=profile.checkpoints, record=record,
-              progress=progress)
+              evaluate_curve=evaluate_curve, evaluate_final=evaluate_final,
+              checkpoints=profile.checkpoints, record=record, progress=progress)
         if not record.diverged and schedule == "rex" and seed == profile.seeds[0]:
             set_mode(opt, False)
             model.eval()
@@ -154,3 +171,35 @@ class DiffusionTask:
                                        for img in samples]
             record.extra["sample_size"] = top
         return record
+
+    def train_images(self, profile: Profile, count: int = SAMPLES) -> Tensor:
+        """The first ``count`` training images at the top resolution (for the samples plot)."""
+        return self.data(profile.resolutions)[max(profile.resolutions)][:count]
+
+    def timed_step(self, make: Callable[[nn.Module, float], torch.optim.Optimizer], lr: float,
+                   *, profile: Profile, device: torch.device | str = "cpu",
+                   seed: int = 0) -> Callable[[], None]:
+        """One training step (forward, backward, ``step()``) at the top resolution, as a
+        callable, for :mod:`kaon.battery.timing`; batches and draws repeat deterministically."""
+        device = torch.device(device)
+        top = max(profile.resolutions)
+        images = self.data(profile.resolutions)[top][:TRAIN_IMAGES].to(device)
+        bars = alpha_bars(TIMESTEPS).to(device)
+        model = build_denoiser(profile.width, seed).to(device)
+        opt = make(model, lr)
+        set_mode(opt, True)
+        gen = torch.Generator().manual_seed(seed + 12345)
+        batches = [(torch.randperm(TRAIN_IMAGES, generator=gen)[:profile.batch].to(device),
+                    torch.randint(0, TIMESTEPS, (profile.batch,), generator=gen).to(device),
+                    torch.randn((profile.batch, 1, top, top), generator=gen).to(device))
+                   for _ in range(4)]
+        calls = [0]
+
+        def step() -> None:
+            index, t, noise = batches[calls[0] % len(batches)]
+            calls[0] += 1
+            opt.zero_grad(set_to_none=True)
+            _noise_loss(model, images[index], t, noise, bars).backward()
+            opt.step()
+
+        return step

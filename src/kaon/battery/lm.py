@@ -100,7 +100,7 @@ def _loss(model: nn.Module, seqs: torch.Tensor) -> torch.Tensor:
 
 
 class LanguageModelTask:
-    """Next-token prediction on the generated language (96 train sequences, 128 held out)."""
+    """Next-token prediction on the generated language (256 train sequences, 128 held out)."""
 
     name = "lm"
     family = "lm"
@@ -134,11 +134,16 @@ class LanguageModelTask:
             index = order[step * profile.lm_batch:(step + 1) * profile.lm_batch].to(device)
             return _loss(model, train_split[index])
 
-        def evaluate() -> tuple[float, float]:
-            return (float(_loss(model, train_split)), float(_loss(model, heldout_split)))
+        def evaluate_curve() -> float:
+            return float(_loss(model, heldout_split))
+
+        def evaluate_final() -> tuple[float, float, float]:
+            heldout = evaluate_curve()
+            return heldout, float(_loss(model, train_split)), heldout
 
         record = RunRecord(self.name, schedule, seed, lr,
                            extra={"entropy_floor": self.language.entropy_rate()})
         return train(model, opt, steps=profile.lm_steps, schedule=schedule,
-                     loss_at_step=loss_at_step, evaluate=evaluate,
+                     loss_at_step=loss_at_step, evaluate_curve=evaluate_curve,
+                     evaluate_final=evaluate_final,
                      checkpoints=profile.checkpoints, record=record, progress=progress)

@@ -39,6 +39,7 @@ class Entry:
     requires: str | None = None  # "module" or "module:attribute" that must exist to run
     default: bool = True  # part of the default set
     config: str = ""  # the configuration as text (part of the cache key)
+    spec: tuple[str, str] | None = None  # (MODULE:CLASS, ARGS) of an --optimizer entry
 
     @property
     def cache_key(self) -> str:
@@ -257,4 +258,4 @@ def entry_from_spec(spec: str, args: str = "") -> Entry:
     config = f"{spec}({args})" if args else spec
     name = f"{class_name}({args})" if args else class_name
     return Entry(name, factory, lr, lr_const, family="custom", blurb=f"user optimizer {spec}",
-                 config=config)
+                 config=config, spec=(spec, args), default=False)

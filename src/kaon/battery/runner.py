@@ -3,7 +3,10 @@
 Results are cached in ``OUT/cache.json`` per (task, profile, entry configuration and learning
 rates, seed, schedule, kaon version, torch version, device, threads), and saved after every run,
 so adding an optimizer measures only that optimizer, an interrupted battery resumes where it
-stopped, and ``--render-only`` rebuilds the report from the cache alone. The report ranks every
+stopped, and ``--render-only`` rebuilds the report from the cache alone. Training runs may run
+in parallel worker processes (``jobs``); their results do not depend on it. Step times are not
+cached with the runs: every invocation times all ranked entries together afterwards
+(:mod:`kaon.battery.timing`) and stores that one pass, replacing the previous one. The report ranks every
 cached entry of the current registry (measured now or before) and every custom
 ``--optimizer`` entry; a cached entry whose registry configuration or learning rate has changed
 since is stale and only listed.
@@ -27,13 +30,12 @@ from kaon import __version__
 from kaon.battery.core import PROFILES, Profile, RunRecord
 from kaon.battery.diffusion import DiffusionTask
 from kaon.battery.lm import LanguageModelTask
-from kaon.battery.lora import time_lora_bag
 from kaon.battery.registry import REFERENCE, Entry, lr_for
 from kaon.bench import machine_description
 
-__all__ = ["Cache", "Context", "make_tasks", "run_battery"]
+__all__ = ["Cache", "Context", "default_jobs", "make_tasks", "process_times", "run_battery"]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,74 @@ def _steps_of(task: Any, profile: Profile) -> int:
     return profile.lm_steps if task.family == "lm" else profile.steps
 
 
+def _reference(entry: Entry) -> tuple[str, ...]:
+    """How a worker process finds ``entry``: its registry cache key or its ``--optimizer`` spec."""
+    if entry.spec is not None:
+        return ("custom", *entry.spec)
+    return ("registry", entry.cache_key)
+
+
+def _resolve(reference: Sequence[str]) -> Entry:
+    from kaon.battery import registry
+
+    if reference[0] == "custom":
+        return registry.entry_from_spec(reference[1], reference[2])
+    for entry in registry.ENTRIES:
+        if entry.cache_key == reference[1]:
+            return entry
+    raise LookupError(f"no battery entry with configuration {reference[1]!r}")
+
+
+_WORKER_TASKS: dict[str, Any] = {}
+
+
+def _worker_init(threads: int, profile: Profile) -> None:
+    torch.set_num_threads(threads)
+    _WORKER_TASKS.update({task.name: task for task in make_tasks(profile)})
+
+
+def _worker_run(reference: tuple[str, ...], task_name: str, schedule: str, seed: int,
+                profile: Profile, device: str) -> dict[str, Any]:
+    """One training run in a worker process (the same code and seeds as in-process)."""
+    entry = _resolve(reference)
+    task = _WORKER_TASKS[task_name]
+    lr = lr_for(entry, task.family, constant=schedule == "constant")
+    return task.run(entry.make, lr, schedule=schedule, seed=seed, profile=profile,
+                    device=device).to_json()
+
+
+def default_jobs() -> int:
+    """Worker processes for the training runs: the CPUs this process may use, at most 4."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        count = os.cpu_count() or 1
+    return max(1, min(4, count))
+
+
+def process_times() -> tuple[float, float]:
+    """(wall seconds since this process started, CPU seconds: user + system of this process
+    and of its finished child processes)."""
+    try:
+        import resource
+    except ImportError:  # not Unix: this process only
+        cpu = time.process_time()
+    else:
+        cpu = sum(u.ru_utime + u.ru_stime for u in
+                  (resource.getrusage(resource.RUSAGE_SELF),
+                   resource.getrusage(resource.RUSAGE_CHILDREN)))
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        start = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / ticks
+        wall = float(Path("/proc/uptime").read_text().split()[0]) - start
+    except (OSError, ValueError, IndexError):
+        wall = time.perf_counter() - _IMPORTED
+    return wall, cpu
+
+
+_IMPORTED = time.perf_counter()
+
+
 def run_battery(
     entries: Sequence[Entry],
     *,
@@ -131,16 +201,26 @@ def run_battery(
     out: str | Path = "battery-out",
     device: str = "cpu",
     threads: int | None = None,
+    jobs: int = 1,
     render_only: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Measure ``entries`` (skipping what the cache holds), then write the report.
+    """Measure ``entries`` (skipping what the cache holds), time every ranked entry's steps
+    together, then write the report.
 
-    Returns the rendered results (the content of ``OUT/results.json``).
+    ``jobs`` worker processes run the training runs (``1``: all in this process; the results
+    are the same either way, since every run seeds its own generators and each worker uses
+    ``threads`` threads). Step times are never cached: they are measured again, for all ranked
+    entries together, in this process after the training runs (``render_only`` reuses the
+    timings of the last run, and the report says so). Returns the rendered results (the
+    content of ``OUT/results.json``).
     """
     from kaon.battery import report
+    from kaon.battery.timing import time_entries
 
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer; got {jobs!r}")
     prof = PROFILES[profile] if isinstance(profile, str) else profile
     out = Path(out)
     if threads is not None:
@@ -149,6 +229,7 @@ def run_battery(
     cache = Cache.load(out / "cache.json")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: CUDA is not available on this machine")
+    load_before = _load()
     tasks = make_tasks(prof)
     skipped: dict[str, str] = {}
     todo: list[tuple[Entry, Any, str, int]] = []
@@ -158,46 +239,121 @@ def run_battery(
             skipped[entry.name] = why
             continue
         record = cache.runs(context, entry.cache_key)
-        record.update(name=entry.name, family=entry.family, blurb=entry.blurb)
+        record.update(name=entry.name, family=entry.family, blurb=entry.blurb,
+                      default=entry.default)
+        if entry.spec is not None:
+            record["spec"] = list(entry.spec)
         if render_only:
             continue
+        record.pop("errors", None)  # a failure is retried
         for task, schedule, seed in _planned_runs(entry, prof, tasks):
             if f"{task.name}/{schedule}/{seed}" not in record["runs"]:
                 todo.append((entry, task, schedule, seed))
-        if "lora_ms" not in record:
-            todo.append((entry, None, "lora", 0))
-    total = sum(_steps_of(t, prof) if t is not None else 1 for _, t, _, _ in todo)
+    total = sum(_steps_of(t, prof) for _, t, _, _ in todo)
     bar = _Progress(total, progress and bool(todo))
     started = time.perf_counter()
-    for entry, task, schedule, seed in todo:
+
+    def finish(entry: Entry, task: Any, schedule: str, seed: int,
+               result: dict[str, Any] | BaseException) -> None:
         record = cache.runs(context, entry.cache_key)
-        label = f"{entry.name} {task.name if task else 'lora-bag'} {schedule} seed {seed}"
-        bar.describe(label)
-        try:
-            if task is None:
-                record["lora_ms"] = time_lora_bag(entry.make, lr_for(entry, "lm"),
-                                                  prof.lora_tensors, prof.lora_reps, device)
-                bar.update(1)
-            else:
-                lr = lr_for(entry, task.family, constant=schedule == "constant")
-                run = task.run(entry.make, lr, schedule=schedule, seed=seed, profile=prof,
-                               progress=bar.update, device=device)
-                record["runs"][f"{task.name}/{schedule}/{seed}"] = run.to_json()
-        except Exception as error:  # noqa: BLE001 - one failing optimizer must not stop the rest
-            record.setdefault("errors", {})[label] = f"{type(error).__name__}: {error}"
-            log(f"kaon battery: {label} failed: {type(error).__name__}: {error}")
+        label = f"{entry.name} {task.name} {schedule} seed {seed}"
+        if isinstance(result, BaseException):
+            record.setdefault("errors", {})[label] = f"{type(result).__name__}: {result}"
+            log(f"kaon battery: {label} failed: {type(result).__name__}: {result}")
+        else:
+            record["runs"][f"{task.name}/{schedule}/{seed}"] = result
         cache.save()
+
+    workers = min(jobs, len(todo))
+    if workers > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        bar.describe(f"{len(todo)} runs in {workers} worker processes")
+        with concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_init, initargs=(torch.get_num_threads(), prof)) as pool:
+            futures = {pool.submit(_worker_run, _reference(e), t.name, s, seed, prof, device):
+                       (e, t, s, seed) for e, t, s, seed in todo}
+            for future in concurrent.futures.as_completed(futures):
+                entry, task, schedule, seed = futures[future]
+                error = future.exception()
+                finish(entry, task, schedule, seed, error if error else future.result())
+                bar.update(_steps_of(task, prof))
+    else:
+        for entry, task, schedule, seed in todo:
+            bar.describe(f"{entry.name} {task.name} {schedule} seed {seed}")
+            try:
+                lr = lr_for(entry, task.family, constant=schedule == "constant")
+                result: dict[str, Any] | BaseException = task.run(
+                    entry.make, lr, schedule=schedule, seed=seed, profile=prof,
+                    progress=bar.update, device=device).to_json()
+            except Exception as error:  # noqa: BLE001 - one failing optimizer must not stop the rest
+                result = error
+            finish(entry, task, schedule, seed, result)
     bar.close()
     if todo:
         log(f"kaon battery: measured {len(todo)} run(s) in {time.perf_counter() - started:.0f} s")
-    cache.save()
     from kaon.battery.registry import ENTRIES
 
     current = {e.cache_key for e in ENTRIES} | {e.cache_key for e in entries}
     cached = cache.entries(context)
     ranked = {k: v for k, v in cached.items() if k in current or v.get("family") == "custom"}
     stale = sorted(v.get("name", k) for k, v in cached.items() if k not in ranked)
-    return report.render(ranked, context, prof, out, skipped=skipped, stale=stale, log=log)
+    timings = cache.data.setdefault("timings", {})
+    if render_only:
+        timing = timings.get(context.key)
+    else:
+        timed = _timable(ranked, entries, skipped)
+        diffusion = next(t for t in tasks if t.name == "diffusion")
+        tick = time.perf_counter()
+        measured = time_entries(timed, diffusion, prof, device=device, log=log)
+        timing = {"entries": measured, "seconds": time.perf_counter() - tick,
+                  "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "load_before": load_before,
+                  "runs_measured": len(todo), "jobs": workers if todo else 0}
+        timings[context.key] = timing  # replaced as a whole: timings are never mixed
+        cache.save()
+    images = next((t for t in tasks if t.name == "diffusion"), None)
+    train_images = images.train_images(prof) if images is not None else None
+    payload = report.render(ranked, context, prof, out, skipped=skipped, stale=stale, log=log,
+                            timing=timing, fresh_timing=not render_only,
+                            train_images=train_images)
+    wall, cpu = process_times()
+    log(f"kaon battery: done in {wall:.0f} s wall, {cpu:.0f} s CPU (user + system of this "
+        f"process and its workers); load average {_load_text(_load())}")
+    return payload
+
+
+def _timable(ranked: dict[str, Any], entries: Sequence[Entry],
+             skipped: dict[str, str]) -> list[Entry]:
+    """The entries to time: every ranked configuration that can be built here."""
+    from kaon.battery import registry
+
+    given = {e.cache_key: e for e in entries}
+    chosen = []
+    for config, data in ranked.items():
+        entry = given.get(config)
+        if entry is None and data.get("spec"):
+            try:
+                entry = registry.entry_from_spec(*data["spec"])
+            except (ValueError, TypeError):
+                entry = None
+        if entry is None:
+            entry = next((e for e in registry.ENTRIES if e.cache_key == config), None)
+        if entry is not None and entry.name not in skipped and entry.available()[0]:
+            chosen.append(entry)
+    return chosen
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def _load_text(load: list[float] | None) -> str:
+    return "unknown" if load is None else " / ".join(f"{v:.2f}" for v in load) + " (1/5/15 min)"
 
 
 class _Progress:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.nn import functional
 
 __all__ = ["DenoiseTask", "TaskResult", "make_images", "build_denoiser", "run_denoise",
-           "evaluate"]
+           "evaluate", "evaluate_draws"]
 
 OptimizerFactory = Callable[[Iterable[Tensor], float], torch.optim.Optimizer]
 
@@ -131,25 +131,45 @@ def _noise_loss(model: nn.Module, x0: Tensor, t: Tensor, noise: Tensor, bars: Te
     return functional.mse_loss(model(x_t, t), noise)
 
 
+def _draw(n: int, shape: tuple[int, ...], steps: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Timesteps ``[n]`` and noise ``shape`` of one evaluation draw (generator ``seed``)."""
+    gen = torch.Generator().manual_seed(seed)
+    offset = torch.rand((), generator=gen).item()
+    t = ((torch.arange(n) + offset) * steps / n).long().clamp_(0, steps - 1)
+    t = t[torch.randperm(n, generator=gen)]
+    return t, torch.randn(shape, generator=gen)
+
+
+@torch.no_grad()
+def evaluate_draws(model: nn.Module, images: Tensor, bars: Tensor, draws: int = 8,
+                   seed: int = 5000, batch: int = 512) -> list[float]:
+    """Noise-prediction MSE of each of ``draws`` fixed draws of (timestep, noise) per image.
+
+    Draw ``j`` uses a generator seeded ``seed + j`` and stratified timesteps (image ``i`` at
+    ``T (i + u) / n`` for a fixed ``u``), so the values are deterministic, the same noise is used
+    for every optimizer, and the first ``k`` draws of a longer evaluation are those of a shorter
+    one. All draws go through the model together, ``batch`` images per forward pass.
+    """
+    if draws < 1:
+        raise ValueError(f"draws must be at least 1; got {draws}")
+    n, steps = images.shape[0], bars.shape[0]
+    ts, noises = zip(*(_draw(n, tuple(images.shape), steps, seed + j) for j in range(draws)))
+    t = torch.cat(ts).to(images.device)
+    noise = torch.cat(noises).to(images.device)
+    x0 = images.repeat(draws, *([1] * (images.dim() - 1)))
+    a = bars[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * noise
+    errors = torch.cat([(model(x_t[i:i + batch], t[i:i + batch]) - noise[i:i + batch])
+                        .pow(2).flatten(1).mean(1) for i in range(0, x_t.shape[0], batch)])
+    return [float(v) for v in errors.view(draws, n).mean(1)]
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, images: Tensor, bars: Tensor, draws: int = 8,
              seed: int = 5000) -> float:
-    """Noise-prediction MSE over ``draws`` fixed draws of (timestep, noise) per image.
-
-    Draw ``j`` uses a generator seeded ``seed + j`` and stratified timesteps (image ``i`` at
-    ``T (i + u) / n`` for a fixed ``u``), so the value is deterministic and the same noise is
-    used for every optimizer.
-    """
-    total = 0.0
-    n, steps = images.shape[0], bars.shape[0]
-    for j in range(draws):
-        gen = torch.Generator().manual_seed(seed + j)
-        offset = torch.rand((), generator=gen).item()
-        t = ((torch.arange(n) + offset) * steps / n).long().clamp_(0, steps - 1)
-        t = t[torch.randperm(n, generator=gen)].to(images.device)
-        noise = torch.randn(images.shape, generator=gen).to(images.device)
-        total += _noise_loss(model, images, t, noise, bars).item()
-    return total / draws
+    """Noise-prediction MSE over ``draws`` fixed draws (the mean of :func:`evaluate_draws`)."""
+    values = evaluate_draws(model, images, bars, draws, seed)
+    return sum(values) / len(values)
 
 
 @dataclass(frozen=True)
