@@ -296,3 +296,28 @@ def test_python_dash_m_kaon():
     result = subprocess.run([sys.executable, "-m", "kaon", "--version"], capture_output=True,
                             text=True, timeout=120, check=False)
     assert result.returncode == 0 and result.stdout.strip() == f"kaon {kaon.__version__}"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["battery", "--help"],
+                                  ["bench", "--help"], []])
+def test_help_and_version_import_neither_torch_nor_matplotlib(argv):
+    """``kaon --help`` starts in a fraction of a second: no torch, matplotlib or transformers."""
+    code = ("import sys\nfrom kaon.cli import main\ncode = main(sys.argv[1:])\n"
+            "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'matplotlib', "
+            "'numpy', 'transformers', 'tqdm'})\nprint('HEAVY', heavy)\nraise SystemExit(code)")
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "HEAVY []"
+
+
+def test_import_kaon_is_lazy_but_complete():
+    result = subprocess.run([sys.executable, "-c", "import sys, kaon; "
+                             "print('torch' in sys.modules)"], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.stdout.strip() == "False", result.stderr
+    for name in kaon.__all__:  # every public name still resolves, and to the defining module
+        assert getattr(kaon, name) is not None
+    assert kaon.Adakaon is kaon.optim.Adakaon and kaon.ops.newton_schulz is not None
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        _ = kaon.Nope

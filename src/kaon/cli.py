@@ -6,9 +6,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-import torch
-
-from kaon import __version__, bench, registry
+# torch, kaon.bench, kaon.registry and kaon.battery are imported by the commands that use them,
+# so ``kaon --help`` and ``kaon --version`` start in a fraction of a second
+from kaon._version import __version__
 
 __all__ = ["main"]
 
@@ -182,6 +182,8 @@ def _battery(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _list() -> int:
+    from kaon import registry
+
     for name, cls in registry.OPTIMIZERS.items():
         doc = (cls.__doc__ or "").strip().splitlines()
         summary = doc[0] if doc else ""
@@ -191,6 +193,10 @@ def _list() -> int:
 
 
 def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import torch
+
+    from kaon import bench
+
     suites = [s.strip() for s in args.suite.split(",") if s.strip()] if args.suite else []
     if args.safetensors:
         suites.append(f"safetensors:{args.safetensors}")
