@@ -175,7 +175,10 @@ def test_suites_have_the_documented_sizes():
         assert shape in sdxl, shape
     assert numel(bench.suite_shapes("sdxl", quick=True)) < 8e6
     lora = bench.suite_shapes("lora")
-    assert len(lora) == 1434 and lora == bench.suite_shapes("lora", quick=True)
+    assert len(lora) == 1434 and numel(lora) > 20e6
+    quick = bench.suite_shapes("lora", quick=True)
+    assert len(quick) == 256 and quick == lora[:256]  # a prefix: same kinds of layers
+    assert {640, 1280} <= {d for s in quick for d in s}
     assert all(s[0] == 8 for s in lora[0::2]) and all(s[1] == 8 for s in lora[1::2])
     dims = {d for s in lora for d in s if d != 8}
     assert {640, 1280, 2048, 2560, 5120, 10240} <= dims
@@ -321,3 +324,29 @@ def test_import_kaon_is_lazy_but_complete():
     assert kaon.Adakaon is kaon.optim.Adakaon and kaon.ops.newton_schulz is not None
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         _ = kaon.Nope
+
+
+# ------------------------------------------------------------- battery --out, --render-only
+def test_battery_out_under_a_regular_file_fails_before_training(tmp_path, capsys, monkeypatch):
+    from kaon.battery import runner
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(runner, "run_battery", no_training)
+    monkeypatch.setattr("kaon.battery.run_battery", no_training, raising=False)
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    for out in (blocker, blocker / "sub" / "dir"):
+        assert cli.main(["battery", "--profile", "tiny", "--out", str(out)]) != 0
+        err = capsys.readouterr().err
+        assert "--out" in err and "not a folder" in err
+
+
+def test_battery_render_only_on_an_empty_folder_fails(tmp_path, capsys):
+    assert cli.main(["battery", "--render-only", "--out", str(tmp_path)]) != 0
+    err = capsys.readouterr().err
+    assert "--render-only" in err and "cache.json" in err
+    (tmp_path / "cache.json").write_text("{}")
+    assert cli.main(["battery", "--render-only", "--out", str(tmp_path)]) != 0
+    assert "holds no runs" in capsys.readouterr().err

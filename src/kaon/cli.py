@@ -23,7 +23,7 @@ configurations:
 
 examples:
   kaon bench                                  # llm, sdxl and lora suites, default rows
-  kaon bench --quick                          # smaller suites, fewer steps (under a minute)
+  kaon bench --quick                          # smaller suites, fewer steps (about 30 s)
   kaon bench --suite lora --dtype bfloat16 --threads 2
   kaon bench --config "Adakaon:momentum_dtype=int8,betas=(0.9,0.99)" --config AdamW
   kaon bench --safetensors model.safetensors --filter model.diffusion_model. --lora-rank 16
@@ -106,8 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--peak-gbps", type=float, metavar="GBPS",
                    help="the device's peak memory bandwidth in GB/s (default: from the device)")
     b.add_argument("--quick", action="store_true",
-                   help="smaller llm and sdxl suites (lora keeps its 1,434 tensors) and fewer "
-                   "steps: well under a minute on a 2-core CPU")
+                   help="smaller suites (llm 4.2M and sdxl 5.0M parameters, lora 256 "
+                   "tensors) and fewer steps: about 30 s on a 2-core CPU")
     b.add_argument("--json", metavar="PATH", help="also write every row as JSON to PATH")
 
     t = commands.add_parser(
@@ -148,6 +148,45 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_out(out: str) -> None:
+    """Raise ``ValueError`` naming ``--out`` when ``out`` cannot be a writable output folder
+    (it or a parent is a regular file, or the nearest existing folder is not writable)."""
+    import os
+    from pathlib import Path
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out!r}: {str(path)!r} exists and is not a folder")
+    parent = path
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ValueError(f"--out {out!r}: {str(parent)!r} is a regular file, not a folder")
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out!r}: the folder {str(parent)!r} is not writable")
+
+
+def _check_render_only(out: str) -> None:
+    """Raise ``ValueError`` when ``OUT/cache.json`` is missing or holds no runs, so that
+    ``--render-only`` never writes an empty report."""
+    import json
+    from pathlib import Path
+
+    cache = Path(out) / "cache.json"
+    try:
+        data = json.loads(cache.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--render-only: no cache at {str(cache)!r}; run kaon battery "
+                         f"--out {out!r} without --render-only first") from None
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"--render-only: cannot read {str(cache)!r}: {error}") from None
+    if not data:
+        raise ValueError(f"--render-only: {str(cache)!r} holds no runs; run kaon battery "
+                         f"--out {out!r} without --render-only first")
+
+
 def _battery(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -160,6 +199,9 @@ def _battery(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             print(f"{entry.name:22s} {entry.family:9s} {mark:9s} {entry.blurb}")
         return 0
     try:
+        _check_out(args.out)
+        if args.render_only:
+            _check_render_only(args.out)
         entries = battery.select(args.only)
         for spec in args.optimizer or []:
             if len(spec) > 2:
