@@ -350,3 +350,13 @@ def test_battery_render_only_on_an_empty_folder_fails(tmp_path, capsys):
     (tmp_path / "cache.json").write_text("{}")
     assert cli.main(["battery", "--render-only", "--out", str(tmp_path)]) != 0
     assert "holds no runs" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------- argument kinds are named
+@pytest.mark.parametrize("name, flag", [("Adakaon", "cautious"), ("torch.optim.AdamW", "amsgrad")])
+def test_create_names_an_argument_of_the_wrong_kind(name, flag):
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.raises(ValueError, match=r"lr='abc'.*lr expects a number"):
+        registry.create(name, p, "lr=abc")
+    with pytest.raises(ValueError, match=rf"{flag} expects True or False"):
+        registry.create(name, p, f"{flag}=maybe")
