@@ -360,3 +360,36 @@ def test_create_names_an_argument_of_the_wrong_kind(name, flag):
         registry.create(name, p, "lr=abc")
     with pytest.raises(ValueError, match=rf"{flag} expects True or False"):
         registry.create(name, p, f"{flag}=maybe")
+
+
+# ------------------------------------------------------------------ every --help example runs
+def _help_examples(command):
+    import io
+    import shlex
+    from contextlib import redirect_stdout
+
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        assert cli.main([command, "--help"]) == 0
+    text = buffer.getvalue().split("examples:", 1)[1]
+    examples = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith(f"kaon {command}"):
+            words = shlex.split(line, comments=True)  # a shell syntax error raises here
+            examples.append(words[2:])
+    return examples
+
+
+@pytest.mark.parametrize("command", ["battery", "bench"])
+def test_every_help_example_runs(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _write_safetensors(tmp_path / "model.safetensors", {
+        "model.diffusion_model.w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}})
+    (tmp_path / "battery-out").mkdir()
+    (tmp_path / "battery-out" / "cache.json").write_text('{"quick": {}}')
+    examples = _help_examples(command)
+    assert len(examples) >= 4
+    for words in examples:
+        code = cli.main([command, *words, "--dry-run"])
+        assert code == 0, (words, capsys.readouterr().err)

@@ -35,9 +35,10 @@ examples:
 _BATTERY_EPILOG = """\
 examples:
   kaon battery                                   # the quick profile, default set
-  kaon battery --only AdamW (torch),Lion,Nekaon   # a few entries (names from --list)
+  kaon battery --only "torch.AdamW,Lion,Nekaon"   # a few entries (names from --list)
   kaon battery --optimizer torch.optim:SGD "lr=0.05,momentum=0.9"
   kaon battery --render-only                     # tables and plots from the cache
+  kaon battery --only Autokaon --dry-run         # check the selection, train nothing
   kaon battery --profile full --seeds 0,1        # the upstream-sized protocol
 """
 
@@ -109,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="smaller suites (llm 4.2M and sdxl 5.0M parameters, lora 256 "
                    "tensors) and fewer steps: about 30 s on a 2-core CPU")
     b.add_argument("--json", metavar="PATH", help="also write every row as JSON to PATH")
+    b.add_argument("--dry-run", action="store_true",
+                   help="check the suites and --config rows, print them and exit without "
+                   "measuring")
 
     t = commands.add_parser(
         "battery",
@@ -141,6 +145,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--render-only", action="store_true",
                    help="rebuild the tables and plots from the cache without measuring")
     t.add_argument("--list", action="store_true", help="list the battery entries and exit")
+    t.add_argument("--dry-run", action="store_true",
+                   help="check the selection, --optimizer, --seeds and --out, print the entries "
+                   "and exit without training")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     commands.add_parser("list", help="list the registered optimizers",
@@ -214,6 +221,9 @@ def _battery(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 parser.error("--seeds needs at least one seed")
             profile = dataclasses.replace(profile, seeds=seeds, name=f"{profile.name}-s"
                                           + "-".join(map(str, seeds)))
+        if args.dry_run:
+            print(f"profile {profile.name}; entries: " + ", ".join(e.name for e in entries))
+            return 0
         battery.run_battery(entries, profile=profile, out=args.out, device=args.device,
                             threads=args.threads or 1, render_only=args.render_only,
                             progress=not args.no_progress)
@@ -252,6 +262,19 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         configs = [bench.parse_config(c) for c in args.config] if args.config else None
+        if args.dry_run:
+            import os
+
+            for suite in suites:
+                name, _, path = suite.partition(":")
+                if name == "safetensors" and not os.path.isfile(path):
+                    raise ValueError(f"--suite {suite!r}: no such file {path!r}")
+                if name != "safetensors" and name not in bench.SUITES:
+                    raise ValueError(f"--suite: unknown suite {name!r}; known: "
+                                     + ", ".join(bench.SUITES) + ", safetensors:PATH")
+            labels = [c.label for c in configs] if configs else ["the default rows"]
+            print("suites: " + ", ".join(suites) + "; rows: " + ", ".join(labels))
+            return 0
         rows = bench.run(suites, configs=configs, quick=args.quick, steps=steps, warmup=warmup,
                          device=args.device, dtype=args.dtype, prefix=args.filter,
                          lora_rank=args.lora_rank, seed=args.seed, kernels=args.kernels,
