@@ -1,6 +1,6 @@
 """Step time of Autokaon (tuning and frozen) against plain Adakaon, interleaved, same run.
 
-Shapes: ``kaon.bench.suite_shapes(suite, quick=True)``; fixed random gradients, fp32 weights;
+Shapes: ``kaon.bench.suite_shapes(suite, quick=True)`` (the whole 1,434-tensor bag for lora); fixed random gradients, fp32 weights;
 only ``step()`` is timed. Prints the median step time of each and the ratio to Adakaon at the
 same rate. A frozen Autokaon should be Adakaon's speed (ratio about 1); a tuning step adds the
 statistics pass.
@@ -27,7 +27,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    shapes = bench.suite_shapes(args.suite, quick=True)
+    # the whole LoRA bag (its quick form is cut to 256 tensors since kaon bench --quick)
+    shapes = bench.suite_shapes(args.suite, quick=args.suite != "lora")
     opts = {
         "Adakaon": kaon.Adakaon(bench.make_params(shapes), lr=1e-4),
         "Autokaon tuning": kaon.Autokaon(bench.make_params(shapes), lr_freeze=None),

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from numerics import assert_within_ulps
 from reference import AdaPNMReference, grads_for, quantized_momentum_run, step_both
 from torch import nn
 
@@ -42,7 +43,9 @@ def test_1d_path_matches_pytorch_optimizer(ams_bound, beta0, weight_decay):
             torch.testing.assert_close(p.detach(), q.detach(), rtol=2e-6, atol=1e-7)
         for p, q in zip(ours, theirs):
             theirs_state = ref.state[q]
-            assert torch.allclose(opt.state[p]["v"], theirs_state["exp_avg_sq"], rtol=1e-6)
+            # v = b2 v + (1 - b2) g^2 associated differently: up to three roundings of half an
+            # ulp per step, each carried on (times b2 < 1), so at most 1.5 ulps per step so far
+            assert_within_ulps(opt.state[p]["v"], theirs_state["exp_avg_sq"], 1.5 * (step + 1))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

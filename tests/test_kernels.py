@@ -18,7 +18,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tolerance import ulp  # noqa: E402
+from numerics import ulp  # noqa: E402
 
 import kaon  # noqa: E402
 from kaon import kernels  # noqa: E402

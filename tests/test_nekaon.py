@@ -6,6 +6,7 @@ import io
 
 import pytest
 import torch
+from numerics import assert_within_ulps
 from torch import nn
 
 import kaon
@@ -110,7 +111,8 @@ def test_eval_shows_the_true_weights_and_the_displacement_formula():
     for p in model.parameters():
         m = opt.state[p]["m"].reshape(p.shape)  # unit-RMS momentum as stored
         e = (-k * lr * m).clamp(-k * clip * lr, k * clip * lr)
-        torch.testing.assert_close(opt.displacement(p), e, rtol=1e-6, atol=0)
+        # the same products and clamp, associated differently: two roundings of e
+        assert_within_ulps(opt.displacement(p), e, 2)
         expected.append(p.detach() - e)
     opt.eval()
     for p, want in zip(model.parameters(), expected):
@@ -209,15 +211,20 @@ def test_true_iterate_follows_adakaon_under_fixed_gradients(momentum):
     opt = kaon.Nekaon(ours, k=1.5, **args)
     ref = kaon.Adakaon(theirs, **args)
     gen = torch.Generator().manual_seed(2)
+    peak = [p.detach().abs() for p in ours]  # the largest live weights rounded on the way
     for _ in range(20):
         for p, q in zip(ours, theirs):
             g = torch.randn(p.shape, generator=gen)
             p.grad, q.grad = g.clone(), g.clone()
         opt.step()
         ref.step()
+        peak = [torch.maximum(m, p.detach().abs()) for m, p in zip(peak, ours)]
     opt.eval()
-    for p, q in zip(ours, theirs):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=2e-6)
+    for p, q, m in zip(ours, theirs, peak):
+        # per step Nekaon removes and re-adds the displacement: two roundings of half an ulp of
+        # the live weights more than Adakaon, so over 20 steps at most 20 ulps of the largest
+        # live weight (a weight near zero now was rounded at a larger magnitude before)
+        assert_within_ulps(p.detach(), q.detach(), 20, m)
     assert any(torch.count_nonzero(opt.displacement(p)) == 0 for p in ours)
 
 

@@ -175,7 +175,10 @@ def test_suites_have_the_documented_sizes():
         assert shape in sdxl, shape
     assert numel(bench.suite_shapes("sdxl", quick=True)) < 8e6
     lora = bench.suite_shapes("lora")
-    assert len(lora) == 1434 and lora == bench.suite_shapes("lora", quick=True)
+    assert len(lora) == 1434 and numel(lora) > 20e6
+    quick = bench.suite_shapes("lora", quick=True)
+    assert len(quick) == 256 and quick == lora[:256]  # a prefix: same kinds of layers
+    assert {640, 1280} <= {d for s in quick for d in s}
     assert all(s[0] == 8 for s in lora[0::2]) and all(s[1] == 8 for s in lora[1::2])
     dims = {d for s in lora for d in s if d != 8}
     assert {640, 1280, 2048, 2560, 5120, 10240} <= dims
@@ -296,3 +299,97 @@ def test_python_dash_m_kaon():
     result = subprocess.run([sys.executable, "-m", "kaon", "--version"], capture_output=True,
                             text=True, timeout=120, check=False)
     assert result.returncode == 0 and result.stdout.strip() == f"kaon {kaon.__version__}"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["battery", "--help"],
+                                  ["bench", "--help"], []])
+def test_help_and_version_import_neither_torch_nor_matplotlib(argv):
+    """``kaon --help`` starts in a fraction of a second: no torch, matplotlib or transformers."""
+    code = ("import sys\nfrom kaon.cli import main\ncode = main(sys.argv[1:])\n"
+            "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'matplotlib', "
+            "'numpy', 'transformers', 'tqdm'})\nprint('HEAVY', heavy)\nraise SystemExit(code)")
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "HEAVY []"
+
+
+def test_import_kaon_is_lazy_but_complete():
+    result = subprocess.run([sys.executable, "-c", "import sys, kaon; "
+                             "print('torch' in sys.modules)"], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.stdout.strip() == "False", result.stderr
+    for name in kaon.__all__:  # every public name still resolves, and to the defining module
+        assert getattr(kaon, name) is not None
+    assert kaon.Adakaon is kaon.optim.Adakaon and kaon.ops.newton_schulz is not None
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        _ = kaon.Nope
+
+
+# ------------------------------------------------------------- battery --out, --render-only
+def test_battery_out_under_a_regular_file_fails_before_training(tmp_path, capsys, monkeypatch):
+    from kaon.battery import runner
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(runner, "run_battery", no_training)
+    monkeypatch.setattr("kaon.battery.run_battery", no_training, raising=False)
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    for out in (blocker, blocker / "sub" / "dir"):
+        assert cli.main(["battery", "--profile", "tiny", "--out", str(out)]) != 0
+        err = capsys.readouterr().err
+        assert "--out" in err and "not a folder" in err
+
+
+def test_battery_render_only_on_an_empty_folder_fails(tmp_path, capsys):
+    assert cli.main(["battery", "--render-only", "--out", str(tmp_path)]) != 0
+    err = capsys.readouterr().err
+    assert "--render-only" in err and "cache.json" in err
+    (tmp_path / "cache.json").write_text("{}")
+    assert cli.main(["battery", "--render-only", "--out", str(tmp_path)]) != 0
+    assert "holds no runs" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------- argument kinds are named
+@pytest.mark.parametrize("name, flag", [("Adakaon", "cautious"), ("torch.optim.AdamW", "amsgrad")])
+def test_create_names_an_argument_of_the_wrong_kind(name, flag):
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.raises(ValueError, match=r"lr='abc'.*lr expects a number"):
+        registry.create(name, p, "lr=abc")
+    with pytest.raises(ValueError, match=rf"{flag} expects True or False"):
+        registry.create(name, p, f"{flag}=maybe")
+
+
+# ------------------------------------------------------------------ every --help example runs
+def _help_examples(command):
+    import io
+    import shlex
+    from contextlib import redirect_stdout
+
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        assert cli.main([command, "--help"]) == 0
+    text = buffer.getvalue().split("examples:", 1)[1]
+    examples = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith(f"kaon {command}"):
+            words = shlex.split(line, comments=True)  # a shell syntax error raises here
+            examples.append(words[2:])
+    return examples
+
+
+@pytest.mark.parametrize("command", ["battery", "bench"])
+def test_every_help_example_runs(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _write_safetensors(tmp_path / "model.safetensors", {
+        "model.diffusion_model.w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}})
+    (tmp_path / "battery-out").mkdir()
+    (tmp_path / "battery-out" / "cache.json").write_text('{"quick": {}}')
+    examples = _help_examples(command)
+    assert len(examples) >= 4
+    for words in examples:
+        code = cli.main([command, *words, "--dry-run"])
+        assert code == 0, (words, capsys.readouterr().err)

@@ -33,7 +33,8 @@ Suites (see :func:`suite_shapes`):
     A rank-8 LoRA of SDXL's UNet: for the Linear layers of its transformer blocks (q, k, v, out
     of self- and cross-attention, feed-forward in and out, proj_in/proj_out), an ``A = (8,
     fan_in)`` and ``B = (fan_out, 8)`` pair each; the first 717 of those 722 layers, so exactly
-    1,434 tensors (about 21M parameters). ``quick`` keeps it whole (only the step counts drop).
+    1,434 tensors (about 21M parameters). ``quick``: the first 128 pairs (256 tensors, 3.4M
+    parameters, both widths 640 and 1280), enough for the batched-vs-loop ratio.
 ``safetensors:PATH``
     The shapes of a model read from a ``.safetensors`` header (no weights are read); optionally
     only names starting with a prefix, or rank-``R`` LoRA pairs synthesized for its weights.
@@ -94,6 +95,7 @@ LOOP = "Adakaon int8 foreach=False"
 LR = 1e-4
 LORA_RANK = 8
 LORA_PAIRS = 717
+QUICK_LORA_PAIRS = 128
 _MAX_HEADER = 100 * 1024 * 1024
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -284,7 +286,7 @@ def suite_shapes(suite: str, quick: bool = False, *, prefix: str = "",
     if suite == "sdxl":
         return _sdxl_shapes(quick)
     if suite == "lora":
-        return _lora_shapes()
+        return _lora_shapes(pairs=QUICK_LORA_PAIRS) if quick else _lora_shapes()
     if suite.startswith("safetensors:"):
         path = suite.partition(":")[2]
         found = read_safetensors_shapes(path, prefix)
@@ -610,6 +612,7 @@ def run(suites: Sequence[str], *, configs: Sequence[Config] | None = None, quick
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; got {dtype!r}")
+    wall, cpu = time.perf_counter(), time.process_time()
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: CUDA is not available")
@@ -643,6 +646,8 @@ def run(suites: Sequence[str], *, configs: Sequence[Config] | None = None, quick
     if any(r.scratch_bytes for r in all_rows):
         out("\nscratch MiB: kaon's reusable CPU work buffers, kept between steps; not optimizer "
             "state (release_workspace() frees them).")
+    out(f"\nkaon bench: {time.perf_counter() - wall:.1f} s wall, "
+        f"{time.process_time() - cpu:.1f} s CPU (this process, all threads)")
     return all_rows
 
 

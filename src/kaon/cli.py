@@ -6,9 +6,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-import torch
-
-from kaon import __version__, bench, registry
+# torch, kaon.bench, kaon.registry and kaon.battery are imported by the commands that use them,
+# so ``kaon --help`` and ``kaon --version`` start in a fraction of a second
+from kaon._version import __version__
 
 __all__ = ["main"]
 
@@ -23,7 +23,7 @@ configurations:
 
 examples:
   kaon bench                                  # llm, sdxl and lora suites, default rows
-  kaon bench --quick                          # smaller suites, fewer steps (under a minute)
+  kaon bench --quick                          # smaller suites, fewer steps (about 30 s)
   kaon bench --suite lora --dtype bfloat16 --threads 2
   kaon bench --config "Adakaon:momentum_dtype=int8,betas=(0.9,0.99)" --config AdamW
   kaon bench --safetensors model.safetensors --filter model.diffusion_model. --lora-rank 16
@@ -35,9 +35,10 @@ examples:
 _BATTERY_EPILOG = """\
 examples:
   kaon battery                                   # the quick profile, default set
-  kaon battery --only AdamW (torch),Lion,Nekaon   # a few entries (names from --list)
+  kaon battery --only "torch.AdamW,Lion,Nekaon"   # a few entries (names from --list)
   kaon battery --optimizer torch.optim:SGD "lr=0.05,momentum=0.9"
   kaon battery --render-only                     # tables and plots from the cache
+  kaon battery --only Autokaon --dry-run         # check the selection, train nothing
   kaon battery --profile full --seeds 0,1        # the upstream-sized protocol
 """
 
@@ -106,9 +107,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--peak-gbps", type=float, metavar="GBPS",
                    help="the device's peak memory bandwidth in GB/s (default: from the device)")
     b.add_argument("--quick", action="store_true",
-                   help="smaller llm and sdxl suites (lora keeps its 1,434 tensors) and fewer "
-                   "steps: well under a minute on a 2-core CPU")
+                   help="smaller suites (llm 4.2M and sdxl 5.0M parameters, lora 256 "
+                   "tensors) and fewer steps: about 30 s on a 2-core CPU")
     b.add_argument("--json", metavar="PATH", help="also write every row as JSON to PATH")
+    b.add_argument("--dry-run", action="store_true",
+                   help="check the suites and --config rows, print them and exit without "
+                   "measuring")
 
     t = commands.add_parser(
         "battery",
@@ -145,11 +149,53 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--render-only", action="store_true",
                    help="rebuild the tables and plots from the cache without measuring")
     t.add_argument("--list", action="store_true", help="list the battery entries and exit")
+    t.add_argument("--dry-run", action="store_true",
+                   help="check the selection, --optimizer, --seeds and --out, print the entries "
+                   "and exit without training")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     commands.add_parser("list", help="list the registered optimizers",
                         description="The optimizers kaon bench and kaon.registry.create know.")
     return parser
+
+
+def _check_out(out: str) -> None:
+    """Raise ``ValueError`` naming ``--out`` when ``out`` cannot be a writable output folder
+    (it or a parent is a regular file, or the nearest existing folder is not writable)."""
+    import os
+    from pathlib import Path
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out!r}: {str(path)!r} exists and is not a folder")
+    parent = path
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ValueError(f"--out {out!r}: {str(parent)!r} is a regular file, not a folder")
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out!r}: the folder {str(parent)!r} is not writable")
+
+
+def _check_render_only(out: str) -> None:
+    """Raise ``ValueError`` when ``OUT/cache.json`` is missing or holds no runs, so that
+    ``--render-only`` never writes an empty report."""
+    import json
+    from pathlib import Path
+
+    cache = Path(out) / "cache.json"
+    try:
+        data = json.loads(cache.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--render-only: no cache at {str(cache)!r}; run kaon battery "
+                         f"--out {out!r} without --render-only first") from None
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"--render-only: cannot read {str(cache)!r}: {error}") from None
+    if not data:
+        raise ValueError(f"--render-only: {str(cache)!r} holds no runs; run kaon battery "
+                         f"--out {out!r} without --render-only first")
 
 
 def _battery(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -164,6 +210,9 @@ def _battery(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             print(f"{entry.name:22s} {entry.family:9s} {mark:9s} {entry.blurb}")
         return 0
     try:
+        _check_out(args.out)
+        if args.render_only:
+            _check_render_only(args.out)
         entries = battery.select(args.only)
         for spec in args.optimizer or []:
             if len(spec) > 2:
@@ -176,6 +225,9 @@ def _battery(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 parser.error("--seeds needs at least one seed")
             profile = dataclasses.replace(profile, seeds=seeds, name=f"{profile.name}-s"
                                           + "-".join(map(str, seeds)))
+        if args.dry_run:
+            print(f"profile {profile.name}; entries: " + ", ".join(e.name for e in entries))
+            return 0
         battery.run_battery(entries, profile=profile, out=args.out, device=args.device,
                             threads=args.threads or 1, render_only=args.render_only,
                             jobs=args.jobs or battery.default_jobs(),
@@ -187,6 +239,8 @@ def _battery(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _list() -> int:
+    from kaon import registry
+
     for name, cls in registry.OPTIMIZERS.items():
         doc = (cls.__doc__ or "").strip().splitlines()
         summary = doc[0] if doc else ""
@@ -196,6 +250,10 @@ def _list() -> int:
 
 
 def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import torch
+
+    from kaon import bench
+
     suites = [s.strip() for s in args.suite.split(",") if s.strip()] if args.suite else []
     if args.safetensors:
         suites.append(f"safetensors:{args.safetensors}")
@@ -209,6 +267,19 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         configs = [bench.parse_config(c) for c in args.config] if args.config else None
+        if args.dry_run:
+            import os
+
+            for suite in suites:
+                name, _, path = suite.partition(":")
+                if name == "safetensors" and not os.path.isfile(path):
+                    raise ValueError(f"--suite {suite!r}: no such file {path!r}")
+                if name != "safetensors" and name not in bench.SUITES:
+                    raise ValueError(f"--suite: unknown suite {name!r}; known: "
+                                     + ", ".join(bench.SUITES) + ", safetensors:PATH")
+            labels = [c.label for c in configs] if configs else ["the default rows"]
+            print("suites: " + ", ".join(suites) + "; rows: " + ", ".join(labels))
+            return 0
         rows = bench.run(suites, configs=configs, quick=args.quick, steps=steps, warmup=warmup,
                          device=args.device, dtype=args.dtype, prefix=args.filter,
                          lora_rank=args.lora_rank, seed=args.seed, kernels=args.kernels,

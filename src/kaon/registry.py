@@ -218,5 +218,31 @@ def create(
     or a dict of keyword arguments.
     """
     kwargs = dict(args) if isinstance(args, dict) else parse_kwargs(args)
-    return get(name)(params, **kwargs)
+    cls = get(name)
+    _check_kinds(cls, kwargs)
+    return cls(params, **kwargs)
+
+
+def _check_kinds(cls: type, kwargs: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the argument when a value's kind contradicts the default
+    of ``cls``'s keyword of that name: a string where the default is a number, or a
+    non-boolean where it is a boolean (``lr=abc``, ``foreach=maybe``)."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return
+    for key, value in kwargs.items():
+        parameter = parameters.get(key)
+        if parameter is None or parameter.default is inspect.Parameter.empty:
+            continue
+        default = parameter.default
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"optimizer argument {key}={value!r}: {key} expects True or "
+                                 f"False (default {default!r})")
+        elif isinstance(default, (int, float)) and isinstance(value, str):
+            raise ValueError(f"optimizer argument {key}={value!r}: {key} expects a number "
+                             f"(default {default!r}), got the string {value!r}")
 
