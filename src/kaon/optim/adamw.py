@@ -161,7 +161,7 @@ def decoupled_decay_(
     return delta.add_(torch.sub(param, kept, out=kept))
 
 
-class AdamW(KaonOptimizer):
+class AdamW(KaonOptimizer, names=("AdamW",)):
     r"""AdamW with torch's arguments, a choice of state storage and torch's fused kernel.
 
     For a gradient ``g`` (negated with ``maximize``), per parameter::
