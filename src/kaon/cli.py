@@ -234,13 +234,21 @@ def _battery(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _list() -> int:
+    import shutil
+    import textwrap
+
     from kaon import registry
 
+    rows = []
     for name, cls in registry.OPTIMIZERS.items():
-        doc = (cls.__doc__ or "").strip().splitlines()
-        summary = doc[0] if doc else ""
-        path = f"{cls.__module__}.{cls.__qualname__}"
-        print(f"{name:10s} {path:28s} {summary}")
+        paragraph = (cls.__doc__ or "").strip().split("\n\n", 1)[0]
+        rows.append((name, f"{cls.__module__}.{cls.__qualname__}", " ".join(paragraph.split())))
+    name_width = max(len(r[0]) for r in rows)
+    width = shutil.get_terminal_size((100, 24)).columns
+    for name, path, summary in rows:  # name and class path aligned, the summary wrapped below
+        print(f"{name:<{name_width}s}  {path}")
+        for line in textwrap.wrap(summary, max(width - 4, 40)):
+            print("    " + line)
     return 0
 
 

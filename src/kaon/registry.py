@@ -82,8 +82,8 @@ def get(name: str) -> type[torch.optim.Optimizer]:
 def _import_class(path: str) -> type[torch.optim.Optimizer] | None:
     """``torch.optim.NAME`` or ``package.module.Class`` as an optimizer class, else None."""
     module_name, dot, attribute = path.rpartition(".")
-    if not dot or not module_name or path.lower().startswith("kaon."):
-        return None  # kaon's own names are registered
+    if not dot or not module_name:
+        return None
     try:
         cls = getattr(importlib.import_module(module_name), attribute, None)
     except ImportError:
@@ -225,3 +225,4 @@ register("OAdamW", kaon.optim.OAdamW)
 register("AdaPNM", kaon.optim.AdaPNM)
 register("Nekaon", kaon.optim.Nekaon)
 register("Adafactor8Bit", kaon.optim.Adafactor8Bit)
+register("Autokaon", kaon.optim.Autokaon)
