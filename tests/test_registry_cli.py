@@ -417,3 +417,23 @@ def test_autokaon_and_dotted_class_paths_resolve():
     assert bench.parse_config("Autokaon").name == "Autokaon"
     assert registry.get("kaon.optim.adakaon.Adakaon") is kaon.Adakaon
     assert registry.get("kaon.optim.autokaon.Autokaon") is kaon.Autokaon
+
+
+# ------------------------------------------------- battery blurbs agree with the measured table
+def test_battery_blurbs_agree_with_the_committed_bytes_per_param():
+    import re
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "battery-quick" / "results.json"
+    rows = json.loads(results.read_text())["rows"]
+    from kaon.battery import ENTRIES
+
+    blurbs = {e.name: e.blurb for e in ENTRIES}
+    checked = 0
+    for row in rows:
+        found = re.search(r"~?([0-9.]+) B/param", blurbs.get(row["name"], ""))
+        if found and row.get("bpp") is not None:
+            stated = float(found.group(1))
+            assert abs(stated - row["bpp"]) <= max(0.1, 0.1 * row["bpp"]), (row["name"], stated)
+            checked += 1
+    assert checked >= 5

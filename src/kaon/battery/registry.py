@@ -124,7 +124,7 @@ ENTRIES: list[Entry] = [
            blurb="factored second moment, bf16 momentum (kaon's default)"),
     _entry("Adakaon-nomom", _kaon("Adakaon", betas=(0.0, 0.999), cautious=False),
            {"diffusion": 9e-3, "lm": 1e-2},
-           blurb="no momentum: the least memory (~0.03 B/param)"),
+           blurb="no momentum: the least memory (~0.25 B/param)"),
     _entry("Nekaon", _kaon("Nekaon"), {"diffusion": 9e-3, "lm": 1e-2},
            blurb="Adakaon + negative-momentum lookahead, 4-bit momentum"),
     _entry("Lion", _kaon("Lion", betas=(0.95, 0.98)), {"diffusion": 3e-3, "lm": 9e-3},
@@ -148,9 +148,9 @@ ENTRIES: list[Entry] = [
     *[_entry(name, _kaon(cls, **kwargs), lr, default=False, blurb=blurb)
       for name, cls, kwargs, lr, blurb in [
           ("Adakaon-int8", "Adakaon", {"momentum_dtype": "int8"},
-           {"diffusion": 9e-3, "lm": 3e-2}, "Adakaon, int8 momentum (~1 B/param)"),
+           {"diffusion": 9e-3, "lm": 3e-2}, "Adakaon, int8 momentum (~1.3 B/param)"),
           ("Adakaon-4bit", "Adakaon", {"momentum_dtype": "4bit"},
-           {"diffusion": 9e-3, "lm": 3e-2}, "Adakaon, 4-bit momentum (~0.53 B/param)"),
+           {"diffusion": 9e-3, "lm": 3e-2}, "Adakaon, 4-bit momentum (~0.79 B/param)"),
           ("Nekaon-int8", "Nekaon", {"momentum_dtype": "int8"},
            {"diffusion": 9e-3, "lm": 1e-2}, "Nekaon, int8 momentum"),
           ("Lion-int8", "Lion", {"betas": (0.95, 0.98), "momentum_dtype": "int8"},
@@ -158,7 +158,7 @@ ENTRIES: list[Entry] = [
           ("Lion-4bit", "Lion", {"betas": (0.95, 0.98), "momentum_dtype": "4bit"},
            {"diffusion": 3e-3, "lm": 9e-3}, "Lion, 4-bit momentum (~0.53 B/param)"),
           ("AdaPNM-int8", "AdaPNM", {"momentum_dtype": "int8"},
-           {"diffusion": 9e-3, "lm": 3e-2}, "AdaPNM, int8 buffers (~2 B/param)"),
+           {"diffusion": 9e-3, "lm": 3e-2}, "AdaPNM, int8 buffers (~2.3 B/param)"),
           ("AdaMuon-4bit", "AdaMuon", {"momentum_dtype": "4bit"},
            {"diffusion": 9e-3, "lm": 3e-2}, "AdaMuon, 4-bit momentum"),
           ("AdamW-bf16", "AdamW", {"state_dtype": "bfloat16", "weight_decay": 0.01},
@@ -169,7 +169,7 @@ ENTRIES: list[Entry] = [
            {"diffusion": 2e-2, "lm": 6e-2}, "Muon, int8 momentum"),
           ("KProdigy-factored-4bit", "KProdigy",
            {"second_moment": "factored", "momentum_dtype": "4bit", "slice_p": 11}, 1.0,
-           "KProdigy memory recipe (~1.27 B/param on large matrices)"),
+           "KProdigy memory recipe (~1.5 B/param)"),
           # Adafactor8Bit unscaled (scale_parameter=False), so lr is an Adam-scale step like
           # Adakaon's; rates not swept (those of Adakaon-nomom / the CAME and AdamW peers)
           ("Adafactor8Bit", "Adafactor8Bit",
