@@ -228,6 +228,16 @@ def select(only: str | None = None, entries: list[Entry] | None = None) -> list[
     return chosen
 
 
+def _rate(value: Any, key: str) -> float:
+    """A learning rate from an argument string: a finite number > 0, else a ValueError naming
+    ``key``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0 < value < float("inf")):
+        raise ValueError(f"optimizer argument {key}={value!r}: {key} expects a finite number "
+                         "> 0 (e.g. 1e-3)")
+    return float(value)
+
+
 def entry_from_spec(spec: str, args: str = "") -> Entry:
     """An entry for ``--optimizer module:Class`` with an argument string (``"lr=1e-3,..."``).
 
@@ -246,9 +256,13 @@ def entry_from_spec(spec: str, args: str = "") -> Entry:
         raise ValueError(f"--optimizer {spec!r}: {error}") from None
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise TypeError(f"--optimizer {spec!r} is not a torch.optim.Optimizer subclass")
-    kwargs = registry.parse_kwargs(args)
-    lr = float(kwargs.pop("lr", 1e-3))
-    lr_const = float(kwargs.pop("lr_const", lr))
+    try:
+        kwargs = registry.parse_kwargs(args)
+        lr = _rate(kwargs.pop("lr", 1e-3), "lr")
+        lr_const = _rate(kwargs.pop("lr_const", lr), "lr_const")
+        registry._check_kinds(cls, kwargs)
+    except ValueError as error:
+        raise ValueError(f"--optimizer {spec!r}: {error}") from None
 
     def factory(model: nn.Module, rate: float) -> torch.optim.Optimizer:
 
