@@ -393,3 +393,47 @@ def test_every_help_example_runs(command, tmp_path, monkeypatch, capsys):
     for words in examples:
         code = cli.main([command, *words, "--dry-run"])
         assert code == 0, (words, capsys.readouterr().err)
+
+
+# ----------------------------------------------------- kaon list, Autokaon, dotted class paths
+def test_list_aligns_wraps_and_includes_autokaon(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    assert cli.main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    heads = [line for line in lines if not line.startswith(" ")]
+    assert any(line.startswith("Autokaon ") for line in heads)
+    starts = {line.index("kaon.optim.") for line in heads}
+    assert len(heads) == len(registry.OPTIMIZERS)
+    assert len(starts) == 1  # the class-path column is aligned
+    text = " ".join(line.strip() for line in lines)
+    for cls in registry.OPTIMIZERS.values():
+        summary = " ".join((cls.__doc__ or "").strip().split("\n\n", 1)[0].split())
+        assert summary in text  # wrapped, never cut
+
+
+def test_autokaon_and_dotted_class_paths_resolve():
+    assert registry.get("Autokaon") is kaon.Autokaon
+    assert bench.parse_config("Autokaon").name == "Autokaon"
+    assert registry.get("kaon.optim.adakaon.Adakaon") is kaon.Adakaon
+    assert registry.get("kaon.optim.autokaon.Autokaon") is kaon.Autokaon
+
+
+# ------------------------------------------------- battery blurbs agree with the measured table
+def test_battery_blurbs_agree_with_the_committed_bytes_per_param():
+    import re
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "battery-quick" / "results.json"
+    rows = json.loads(results.read_text())["rows"]
+    from kaon.battery import ENTRIES
+
+    blurbs = {e.name: e.blurb for e in ENTRIES}
+    checked = 0
+    for row in rows:
+        found = re.search(r"~?([0-9.]+) B/param", blurbs.get(row["name"], ""))
+        if found and row.get("bpp") is not None:
+            stated = float(found.group(1))
+            assert abs(stated - row["bpp"]) <= max(0.1, 0.1 * row["bpp"]), (row["name"], stated)
+            checked += 1
+    assert checked >= 5

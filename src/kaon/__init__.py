@@ -10,6 +10,7 @@ come from the registry they register themselves in where they are defined (see
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from kaon._version import __version__ as __version__
@@ -56,7 +57,9 @@ def _optimizers() -> dict[str, Any]:
 def __getattr__(name: str) -> Any:
     if name == "__all__":  # computed on first use: the registered optimizers plus _NAMES
         value: Any = sorted(_NAMES + list(_optimizers()), key=str.lower)
-    elif name in _SUBMODULES:
+    elif name in _SUBMODULES or importlib.util.find_spec(f"kaon.{name}") is not None:
+        # a submodule (``from kaon import upstream`` while kaon.optimizer is importing): never
+        # the optimizers' registry, which would import kaon.optim in the middle of that import
         return importlib.import_module(f"kaon.{name}")
     elif name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)

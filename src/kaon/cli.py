@@ -23,7 +23,7 @@ configurations:
 
 examples:
   kaon bench                                  # llm, sdxl and lora suites, default rows
-  kaon bench --quick                          # smaller suites, fewer steps (about 30 s)
+  kaon bench --quick                          # smaller suites, 3 timed steps (about a minute)
   kaon bench --suite lora --dtype bfloat16 --threads 2
   kaon bench --config "Adakaon:momentum_dtype=int8,betas=(0.9,0.99)" --config AdamW
   kaon bench --safetensors model.safetensors --filter model.diffusion_model. --lora-rank 16
@@ -90,9 +90,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="a configuration to benchmark instead of the default set, e.g. "
                    "'Adakaon:momentum_dtype=int8,cautious=False' (repeatable)")
     b.add_argument("--steps", type=_positive,
-                   help="timed steps per configuration (default 20; 5 with --quick)")
+                   help="timed steps per configuration (default 20; 3 with --quick)")
     b.add_argument("--warmup", type=_non_negative,
-                   help="untimed steps before timing (default 5; 2 with --quick)")
+                   help="untimed steps before timing (default 5; 1 with --quick)")
     b.add_argument("--threads", type=_positive, metavar="N",
                    help="torch.set_num_threads(N) (default: torch's choice)")
     b.add_argument("--device", choices=["cpu", "cuda"],
@@ -108,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="the device's peak memory bandwidth in GB/s (default: from the device)")
     b.add_argument("--quick", action="store_true",
                    help="smaller suites (llm 4.2M and sdxl 5.0M parameters, lora 256 "
-                   "tensors) and fewer steps: about 30 s on a 2-core CPU")
+                   "tensors), 1 warmup and 3 timed steps: about a minute on 2 shared CPU "
+                   "cores; it prints its wall and CPU time")
     b.add_argument("--json", metavar="PATH", help="also write every row as JSON to PATH")
     b.add_argument("--dry-run", action="store_true",
                    help="check the suites and --config rows, print them and exit without "
@@ -239,13 +240,21 @@ def _battery(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _list() -> int:
+    import shutil
+    import textwrap
+
     from kaon import registry
 
+    rows = []
     for name, cls in registry.OPTIMIZERS.items():
-        doc = (cls.__doc__ or "").strip().splitlines()
-        summary = doc[0] if doc else ""
-        path = f"{cls.__module__}.{cls.__qualname__}"
-        print(f"{name:10s} {path:28s} {summary}")
+        paragraph = (cls.__doc__ or "").strip().split("\n\n", 1)[0]
+        rows.append((name, f"{cls.__module__}.{cls.__qualname__}", " ".join(paragraph.split())))
+    name_width = max(len(r[0]) for r in rows)
+    width = shutil.get_terminal_size((100, 24)).columns
+    for name, path, summary in rows:  # name and class path aligned, the summary wrapped below
+        print(f"{name:<{name_width}s}  {path}")
+        for line in textwrap.wrap(summary, max(width - 4, 40)):
+            print("    " + line)
     return 0
 
 
@@ -261,8 +270,8 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         suites = list(bench.SUITES)
     if (args.filter or args.lora_rank) and not any(s.startswith("safetensors:") for s in suites):
         parser.error("--filter and --lora-rank apply to safetensors suites only")
-    steps = args.steps or (5 if args.quick else 20)
-    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
+    steps = args.steps or (3 if args.quick else 20)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

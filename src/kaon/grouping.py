@@ -218,7 +218,11 @@ def create_optimizer(
     """
     parsed = dict(args) if isinstance(args, Mapping) else registry.parse_kwargs(args)
     cls = name if isinstance(name, type) else registry.get(name)
-    return cls(params, **{**parsed, **kwargs})
+    merged = {**parsed, **kwargs}
+    # "lr=abc" names the argument and what it expects, for any class (torch's own optimizers
+    # would fail later with "'<' not supported between instances of 'str' and 'float'")
+    registry._check_kinds(cls, merged)
+    return cls(params, **merged)
 
 
 def describe_groups(optimizer: torch.optim.Optimizer) -> str:

@@ -245,4 +245,3 @@ def _check_kinds(cls: type, kwargs: dict[str, Any]) -> None:
         elif isinstance(default, (int, float)) and isinstance(value, str):
             raise ValueError(f"optimizer argument {key}={value!r}: {key} expects a number "
                              f"(default {default!r}), got the string {value!r}")
-

@@ -125,7 +125,7 @@ ENTRIES: list[Entry] = [
            blurb="factored second moment, bf16 momentum (kaon's default)"),
     _entry("Adakaon-nomom", _kaon("Adakaon", betas=(0.0, 0.999), cautious=False),
            {"diffusion": 9e-3, "lm": 1e-2},
-           blurb="no momentum: the least memory (~0.03 B/param)"),
+           blurb="no momentum: the least memory (~0.25 B/param)"),
     _entry("Nekaon", _kaon("Nekaon"), {"diffusion": 9e-3, "lm": 1e-2},
            blurb="Adakaon + negative-momentum lookahead, 4-bit momentum"),
     _entry("Lion", _kaon("Lion", betas=(0.95, 0.98)), {"diffusion": 3e-3, "lm": 9e-3},
@@ -149,9 +149,9 @@ ENTRIES: list[Entry] = [
     *[_entry(name, _kaon(cls, **kwargs), lr, default=False, blurb=blurb)
       for name, cls, kwargs, lr, blurb in [
           ("Adakaon-int8", "Adakaon", {"momentum_dtype": "int8"},
-           {"diffusion": 9e-3, "lm": 3e-2}, "Adakaon, int8 momentum (~1 B/param)"),
+           {"diffusion": 9e-3, "lm": 3e-2}, "Adakaon, int8 momentum (~1.3 B/param)"),
           ("Adakaon-4bit", "Adakaon", {"momentum_dtype": "4bit"},
-           {"diffusion": 9e-3, "lm": 3e-2}, "Adakaon, 4-bit momentum (~0.53 B/param)"),
+           {"diffusion": 9e-3, "lm": 3e-2}, "Adakaon, 4-bit momentum (~0.79 B/param)"),
           ("Nekaon-int8", "Nekaon", {"momentum_dtype": "int8"},
            {"diffusion": 9e-3, "lm": 1e-2}, "Nekaon, int8 momentum"),
           ("Lion-int8", "Lion", {"betas": (0.95, 0.98), "momentum_dtype": "int8"},
@@ -159,7 +159,7 @@ ENTRIES: list[Entry] = [
           ("Lion-4bit", "Lion", {"betas": (0.95, 0.98), "momentum_dtype": "4bit"},
            {"diffusion": 3e-3, "lm": 9e-3}, "Lion, 4-bit momentum (~0.53 B/param)"),
           ("AdaPNM-int8", "AdaPNM", {"momentum_dtype": "int8"},
-           {"diffusion": 9e-3, "lm": 3e-2}, "AdaPNM, int8 buffers (~2 B/param)"),
+           {"diffusion": 9e-3, "lm": 3e-2}, "AdaPNM, int8 buffers (~2.3 B/param)"),
           ("AdaMuon-4bit", "AdaMuon", {"momentum_dtype": "4bit"},
            {"diffusion": 9e-3, "lm": 3e-2}, "AdaMuon, 4-bit momentum"),
           ("AdamW-bf16", "AdamW", {"state_dtype": "bfloat16", "weight_decay": 0.01},
@@ -170,7 +170,7 @@ ENTRIES: list[Entry] = [
            {"diffusion": 2e-2, "lm": 6e-2}, "Muon, int8 momentum"),
           ("KProdigy-factored-4bit", "KProdigy",
            {"second_moment": "factored", "momentum_dtype": "4bit", "slice_p": 11}, 1.0,
-           "KProdigy memory recipe (~1.27 B/param on large matrices)"),
+           "KProdigy memory recipe (~1.5 B/param)"),
           # Adafactor8Bit unscaled (scale_parameter=False), so lr is an Adam-scale step like
           # Adakaon's; rates not swept (those of Adakaon-nomom / the CAME and AdamW peers)
           ("Adafactor8Bit", "Adafactor8Bit",
@@ -229,6 +229,16 @@ def select(only: str | None = None, entries: list[Entry] | None = None) -> list[
     return chosen
 
 
+def _rate(value: Any, key: str) -> float:
+    """A learning rate from an argument string: a finite number > 0, else a ValueError naming
+    ``key``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0 < value < float("inf")):
+        raise ValueError(f"optimizer argument {key}={value!r}: {key} expects a finite number "
+                         "> 0 (e.g. 1e-3)")
+    return float(value)
+
+
 def entry_from_spec(spec: str, args: str = "") -> Entry:
     """An entry for ``--optimizer module:Class`` with an argument string (``"lr=1e-3,..."``).
 
@@ -247,9 +257,13 @@ def entry_from_spec(spec: str, args: str = "") -> Entry:
         raise ValueError(f"--optimizer {spec!r}: {error}") from None
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise TypeError(f"--optimizer {spec!r} is not a torch.optim.Optimizer subclass")
-    kwargs = registry.parse_kwargs(args)
-    lr = float(kwargs.pop("lr", 1e-3))
-    lr_const = float(kwargs.pop("lr_const", lr))
+    try:
+        kwargs = registry.parse_kwargs(args)
+        lr = _rate(kwargs.pop("lr", 1e-3), "lr")
+        lr_const = _rate(kwargs.pop("lr_const", lr), "lr_const")
+        registry._check_kinds(cls, kwargs)
+    except ValueError as error:
+        raise ValueError(f"--optimizer {spec!r}: {error}") from None
 
     def factory(model: nn.Module, rate: float) -> torch.optim.Optimizer:
 
