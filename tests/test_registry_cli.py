@@ -436,4 +436,4 @@ def test_battery_blurbs_agree_with_the_committed_bytes_per_param():
             stated = float(found.group(1))
             assert abs(stated - row["bpp"]) <= max(0.1, 0.1 * row["bpp"]), (row["name"], stated)
             checked += 1
-    assert checked >= 5
+    assert checked >= 2  # the entries of the committed default run that state a figure
