@@ -489,7 +489,7 @@ def screen_gradients(flat: Tensor) -> tuple[Tensor | None, Tensor | None]:
     direction kept. On other devices both are always tensors (no host sync).
     """
     low, high = torch.aminmax(flat, dim=-1)
-    finite = torch.isfinite(low) & torch.isfinite(high)
+    finite = torch.isfinite(torch.stack((low, high))).all(dim=0)  # one check, both ends
     peak = torch.maximum(high, low.neg())
     large = finite & (peak > GRAD_SAFE_MAX)
     on_cpu = flat.device.type == "cpu"

@@ -119,6 +119,9 @@ class OAdamW(KaonOptimizer, names=("OAdamW", "StableAdamW")):
     vision-language models", 2023 (StableAdamW); B. Warner, optimi; K. Jordan, "Muon", 2024.
     """
 
+    #: the age of the cached Newton-Schulz factor (update_proj_gap), kept beside the slots
+    extra_state_keys = ("accumulated_grad", "ns_factor_age")
+
     #: build_optimizer may set the per-group ``muon`` key
     supports_muon_routing = True
 
