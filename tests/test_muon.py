@@ -113,7 +113,14 @@ def test_routing_by_shape_and_explicit_keys():
     for p in (embedding, norm, forced):
         assert set(opt.state[p]) == {"step", "exp_avg", "exp_avg_sq"}
     assert is_hidden_matrix((640, 320, 3, 3)) and not is_hidden_matrix((4, 320, 3, 3))
-    bad = kaon.Muon([{"params": [torch.zeros(3, requires_grad=True)], "muon": True}])
+    # refused when the group is made (issue 17), not at the first step
+    with pytest.raises(ValueError, match="muon=True"):
+        kaon.Muon([{"params": [torch.zeros(3, requires_grad=True)], "muon": True}])
+    with pytest.raises(ValueError, match="muon=True"):
+        opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], "muon": True})
+    assert len(opt.param_groups) == 2
+    bad = kaon.Muon([torch.zeros(3, requires_grad=True)])  # set by hand afterwards: at step()
+    bad.param_groups[0]["muon"] = True
     bad.param_groups[0]["params"][0].grad = torch.ones(3)
     with pytest.raises(ValueError, match="muon=True"):
         bad.step()

@@ -10,6 +10,7 @@ stochastic-rounding random stream, dtype-preserving checkpoints and memory accou
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any, ClassVar
@@ -169,6 +170,12 @@ class KaonOptimizer(torch.optim.Optimizer):
         """The update rule: return ``(delta, new_state)`` for a batch; see :class:`Batch`."""
         raise NotImplementedError
 
+    def check_group(self, group: dict[str, Any], owner: str) -> None:
+        """Check what ``hyperparameter_checks`` cannot: a combination of a group's values, or
+        its values against its parameters (``group["params"]``, a list of tensors). Runs on
+        every added group and on every group of a checkpoint, before anything changes; raise
+        ``ValueError`` (or ``TypeError``) starting with ``owner``. Default: nothing."""
+
     def fused_step(self, group: dict[str, Any], params: list[Tensor]) -> bool:
         """Optionally run ``params`` (all with gradients, state created and checked) of
         ``group`` with a fused kernel instead of the update rule; return whether it did.
@@ -199,6 +206,8 @@ class KaonOptimizer(torch.optim.Optimizer):
                     f"{type(self).__name__}: parameters must be real floating point tensors; "
                     f"got dtype {p.dtype}"
                 )
+        self.check_group({**merged, "params": [p for p in tensors if isinstance(p, Tensor)]},
+                         type(self).__name__)
         super().add_param_group(param_group)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -451,6 +460,7 @@ class KaonOptimizer(torch.optim.Optimizer):
             try:
                 check_all(self.hyperparameter_checks, merged, owner)
                 distributed.check_mode(merged, owner)
+                self.check_group(merged, owner)
             except (TypeError, ValueError) as error:
                 raise ValueError(f"param_groups[{i}]: {error}") from None
             for saved_id, p in zip(saved["params"], group["params"]):
@@ -482,7 +492,12 @@ class KaonOptimizer(torch.optim.Optimizer):
         for key, ref in expected.items():
             value = state[key]
             if isinstance(value, (int, float)) and not isinstance(value, bool) and ref.ndim == 0:
-                value = torch.tensor(float(value), dtype=ref.dtype)  # torch's older `step`
+                # torch's older `step`: a plain number, finite and (for an integer slot) whole
+                whole = ref.dtype.is_floating_point or float(value).is_integer()
+                if not (math.isfinite(value) and whole and abs(value) <= 2**53):
+                    raise ValueError(f"{where}: {key!r} is {value!r}, not a finite "
+                                     f"{'number' if ref.dtype.is_floating_point else 'integer'}")
+                value = torch.tensor(value, dtype=ref.dtype)
             if not isinstance(value, Tensor):
                 raise ValueError(f"{where}: {key!r} is a {type(value).__name__}, not a tensor")
             if sharded or distributed.has_dtensor([value]):

@@ -50,6 +50,11 @@ def real(
     def check(name: str, value: Any) -> None:
         if not _is_real(value):
             raise TypeError(f"{name} must be {describe()}; got {value!r} ({type(value).__name__})")
+        if isinstance(value, torch.Tensor) and value.ndim != 0:
+            # the rules broadcast a tensor value against stacked [N, *view] tensors: a (1,) or
+            # (1, 1) one would change their shapes (and crash inside step(), issue 17 case 12)
+            raise ValueError(f"{name} must be {describe()}; a tensor value must be 0-D "
+                             f"(torch.tensor(x)); got shape {tuple(value.shape)}")
         if isinstance(value, Integral) and abs(int(value)) > _MAX_EXACT_INT:
             # an int beyond float precision (2**70) would overflow torch's integer scalars
             raise ValueError(f"{name} must be {describe()}; got the integer {value!r}, beyond "

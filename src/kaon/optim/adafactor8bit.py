@@ -24,7 +24,7 @@ from kaon.state.codecs import (
     LogSpace8BitCodec,
     momentum_codec,
 )
-from kaon.validation import Check, boolean, check_all, choice, integer, optional, pair, real
+from kaon.validation import Check, boolean, choice, integer, optional, pair, real
 
 __all__ = ["Adafactor8Bit", "APOLLO_SCALE_TYPES", "PRESETS", "ROUTES", "build_param_groups"]
 
@@ -322,14 +322,9 @@ class Adafactor8Bit(KaonOptimizer, names=("Adafactor8Bit",)):
         )
 
     # ------------------------------------------------------------------------ validation
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; its settings (and their combination) are checked before it is stored."""
-        if isinstance(param_group, dict):
-            merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
-            owner = type(self).__name__
-            check_all(self.hyperparameter_checks, merged, owner)
-            _check_combination(merged, owner)
-        super().add_param_group(param_group)
+    def check_group(self, group: dict[str, Any], owner: str) -> None:
+        """The combination of a group's settings (an added group's, a checkpoint's)."""
+        _check_combination(group, owner)
 
     # ------------------------------------------------------------------------ layout
     def view_shape(self, p: Tensor, group: dict[str, Any]) -> tuple[int, ...]:

@@ -182,6 +182,15 @@ class KProdigy(KaonOptimizer, names=("KProdigy", "K-Prodigy")):
         "gradient_centralization": boolean(),
         "bf16_method": choice(*BF16_METHODS),
         "maximize": boolean(),
+        # the D estimate rides in every group: a checkpoint's (or add_param_group's) values are
+        # checked like arguments, so a NaN or negative D cannot reach the weights
+        # at most 1e18: the rules square d (d**2 must stay finite in float32)
+        "d": real(0.0, 1e18, low_inclusive=False),
+        "d_max": real(0.0, 1e18, low_inclusive=False),
+        "d_numerator": real(),
+        "d_denom": real(0.0),
+        "d_hat": real(),
+        "k": integer(0),
     }
     layout_keys = ("betas", "slice_p", "momentum_dtype", "momentum_4bit_block", "second_moment",
                    "bf16_method")

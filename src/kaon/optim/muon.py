@@ -267,6 +267,15 @@ class Muon(KaonOptimizer, names=("Muon",)):
         if "base_lr" not in group:
             group["base_lr"] = float(group["lr"])
 
+    def check_group(self, group: dict[str, Any], owner: str) -> None:
+        """``muon=True`` only over parameters of 2 or more dimensions (checked when the group is
+        added or loaded, not at the first step)."""
+        super().check_group(group, owner)
+        if group.get("muon") is True:
+            for p in group.get("params", []):
+                if isinstance(p, Tensor):
+                    self.orthogonalized(p, group)
+
     # ------------------------------------------------------------------------ layout
     def orthogonalized(self, p: Tensor, group: dict[str, Any]) -> bool:
         """Whether ``p`` takes the orthogonalized path under ``group``'s ``muon`` key."""

@@ -129,7 +129,7 @@ class OAdamW(KaonOptimizer, names=("OAdamW", "StableAdamW")):
         "lr": real(0.0),
         "betas": pair(real(0.0, 1.0, high_inclusive=False), real(0.0, 1.0, high_inclusive=False)),
         "weight_decay": real(0.0),
-        "eps": real(0.0, low_inclusive=False),
+        "eps": real(0.0, 1e18, low_inclusive=False),  # eps**2 floors v: finite in float32
         "decouple_lr": boolean(),
         "max_lr": optional(real(0.0, low_inclusive=False)),
         "maximize": boolean(),

@@ -186,8 +186,13 @@ class ScheduleFreeAdamW(KaonOptimizer, names=("ScheduleFreeAdamW", "schedule_fre
     # ------------------------------------------------------------------------ train / eval
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; it joins in the optimizer's current mode."""
-        if isinstance(param_group, dict) and self.param_groups and _MODE not in param_group:
-            param_group = {**param_group, _MODE: self.param_groups[0][_MODE]}
+        if isinstance(param_group, dict) and self.param_groups:
+            mode = self.param_groups[0][_MODE]
+            param_group = {_MODE: mode, **param_group}
+            if param_group[_MODE] is not mode:
+                raise ValueError(
+                    f"ScheduleFreeAdamW: a group added with {_MODE}={param_group[_MODE]!r} while "
+                    f"the optimizer is in {'train' if mode else 'eval'} mode (leave the key out)")
         super().add_param_group(param_group)
 
     @torch.no_grad()
