@@ -423,3 +423,65 @@ def test_skip_policy_still_skips_a_tensor_with_an_infinite_element():
     opt.step()
     assert torch.equal(p.detach(), torch.zeros(4, 4))
     assert torch.equal(q.detach(), torch.full((4, 4), -1e-2))
+
+
+# --------------------------------- 11: step_param and step() take the same kernel per parameter
+@pytest.mark.parametrize("odd", ["0-d", "strided", "huge-grad"])
+def test_11_adamw_step_param_equals_step_beside_an_unfusable_parameter(odd):
+    def make():
+        gen = torch.Generator().manual_seed(0)
+        base = torch.randn(6, 5, generator=gen)
+        weird = {"0-d": torch.tensor(0.5), "strided": base[:, 1:3],
+                 "huge-grad": torch.randn(7, generator=gen)}[odd]
+        return [torch.nn.Parameter(torch.randn(8, 4, generator=gen)), weird.requires_grad_(True),
+                torch.nn.Parameter(torch.randn(3, generator=gen))]
+
+    a, b = make(), make()
+    opt_a, opt_b = kaon.AdamW(a, lr=1e-2), kaon.AdamW(b, lr=1e-2)
+    for i in range(3):
+        gen = torch.Generator().manual_seed(10 + i)
+        for p, q in zip(a, b):
+            g = torch.randn(p.shape, generator=gen)
+            if odd == "huge-grad" and p.shape == (7,):
+                g *= 1e20
+            p.grad, q.grad = g.clone(), g.clone()
+        opt_a.step()
+        for q in b:
+            opt_b.step_param(q, opt_b.param_groups[0])
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+
+
+# ----------------------------- 12: a tensor lr is 0-D (it steps) or refused at construction
+TENSOR_LR = [("Nekaon", {}), ("KProdigy", {}), ("Autokaon", {}), ("AdaPNM", {"weight_decay": 0.1}),
+             ("Adakaon", {}), ("AdamW", {}), ("Lion", {})]
+
+
+@pytest.mark.parametrize("shape", [(1,), (1, 1)])
+@pytest.mark.parametrize("name,extra", TENSOR_LR, ids=[n for n, _ in TENSOR_LR])
+def test_12_tensor_lr_of_shape_1_is_refused_at_construction(name, extra, shape):
+    entry = next(e for e in OPTIMIZERS if e.name == name)
+    model = make_model()
+    with pytest.raises(ValueError, match="lr.*0-D"):
+        entry.make(model.parameters(), lr=torch.full(shape, entry.train_lr), **extra)
+    opt = entry.make(model.parameters(), lr=entry.train_lr, **extra)
+    with pytest.raises(ValueError, match="lr.*0-D"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))],
+                             "lr": torch.full(shape, 0.1)})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("name,extra", TENSOR_LR, ids=[n for n, _ in TENSOR_LR])
+def test_12_a_0d_tensor_lr_steps_like_the_float(name, extra):
+    entry = next(e for e in OPTIMIZERS if e.name == name)
+    model, twin = make_model(), make_model()
+    opt = entry.make(model.parameters(), lr=torch.tensor(entry.train_lr), **extra)
+    ref = entry.make(twin.parameters(), lr=entry.train_lr, **extra)
+    for i in range(2):
+        set_grads(model, i)
+        set_grads(twin, i)
+        opt.step()
+        ref.step()
+    assert _finite(opt, model)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -290,42 +290,59 @@ class AdamW(KaonOptimizer, names=("AdamW",)):
         """Why torch's fused kernel cannot run this step of ``params`` exactly (None: it can)."""
         if _moment_dtypes(group["state_dtype"]) != ("float32", "float32"):
             return f"state_dtype={group['state_dtype']!r} (the kernel keeps float32 state)"
-        supported = _fused_devices()
         for p in params:
-            if p.dtype is not torch.float32 or p.grad.dtype is not torch.float32:
-                return (f"a parameter or gradient is {p.dtype}/{p.grad.dtype} (the kernel "
-                        "would round bf16 weights to nearest; kaon's write-back runs instead)")
-            if type(p) not in (Tensor, torch.nn.Parameter) or p.device.type not in supported:
-                return f"a parameter is a {type(p).__name__} on {p.device.type}"
-            if p.ndim == 0:
-                return "a parameter is 0-D (its state is stored as shape (1,))"
-            if not (p.is_contiguous() and p.grad.is_contiguous()):
-                # torch's fused CPU kernel walks the storage linearly: on a strided view it
-                # writes into the neighbouring elements of the base tensor
-                return "a parameter or gradient is not contiguous"
+            blocker = self._param_blocker(p)
+            if blocker is not None:
+                return blocker
+        return None
+
+    @staticmethod
+    def _param_blocker(p: Tensor) -> str | None:
+        """Why the fused kernel cannot run ``p`` exactly; decided per parameter, so that a
+        parameter takes the same kernel in ``step()`` as in ``step_param()`` whatever its
+        neighbours in the group are (issue 17, case 11)."""
+        if p.dtype is not torch.float32 or p.grad.dtype is not torch.float32:
+            return (f"a parameter or gradient is {p.dtype}/{p.grad.dtype} (the kernel "
+                    "would round bf16 weights to nearest; kaon's write-back runs instead)")
+        if type(p) not in (Tensor, torch.nn.Parameter) or p.device.type not in _fused_devices():
+            return f"a parameter is a {type(p).__name__} on {p.device.type}"
+        if p.ndim == 0:
+            return "a parameter is 0-D (its state is stored as shape (1,))"
+        if not (p.is_contiguous() and p.grad.is_contiguous()):
+            # torch's fused CPU kernel walks the storage linearly: on a strided view it
+            # writes into the neighbouring elements of the base tensor
+            return "a parameter or gradient is not contiguous"
         return None
 
     def fused_step(self, group: dict[str, Any], params: list[Tensor]) -> bool:
         if group["fused"] is False:
             return False
         blocker = self.fused_blocker(group, params)
-        if blocker is not None:
-            if group["fused"] and self._kernel is None:
-                raise RuntimeError(f"AdamW: fused=True but {blocker}")
+        if blocker is not None and group["fused"] and self._kernel is None:
+            raise RuntimeError(f"AdamW: fused=True but {blocker}")
+        if _moment_dtypes(group["state_dtype"]) != ("float32", "float32"):
             return False  # the engine runs the rule, or kaon's Triton kernel (self._kernel)
-        grads = [p.grad for p in params]
-        # one read of the gradients (their largest magnitudes, which cannot overflow): a
-        # non-finite one, or one so large that its square would overflow the kernel's fp32
-        # second moment, sends this step to the engine, which skips exactly the affected
-        # parameters and scales the large ones into range (kaon.engine.screen_gradients)
-        if self.nonfinite_grad != "none":
-            peaks = torch.stack(torch._foreach_norm(grads, ord=math.inf))
-            if not bool((peaks <= engine.GRAD_SAFE_MAX).all()):  # NaN compares false
-                return False
-        states = [self.state[p] for p in params]
+        fusable = [p for p in params if self._param_blocker(p) is None]
+        if fusable and self.nonfinite_grad != "none":
+            # one read of the gradients (their largest magnitudes, which cannot overflow): a
+            # non-finite one, or one so large that its square would overflow the kernel's fp32
+            # second moment, sends its parameter to the engine, which skips it exactly or
+            # scales it into range (kaon.engine.screen_gradients)
+            peaks = torch.stack(torch._foreach_norm([p.grad for p in fusable], ord=math.inf))
+            safe = (peaks <= engine.GRAD_SAFE_MAX).tolist()  # NaN compares false
+            fusable = [p for p, ok in zip(fusable, safe) if ok]
+        if not fusable:
+            return False
+        if len(fusable) < len(params):
+            # the others run the engine's rule (its fused_step call declines them: each has a
+            # blocker or an unsafe gradient), the same per parameter as under step_param
+            chosen = {id(p) for p in fusable}
+            engine.run_group(self, group, [p for p in params if id(p) not in chosen])
+        states = [self.state[p] for p in fusable]
         beta1, beta2 = group["betas"]
         _torch_adam(  # torch.optim.adam.adam, the functional API; fused=True runs torch._fused_adamw_
-            params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            fusable, [p.grad for p in fusable], [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
             [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
             [s["step"] for s in states], fused=True, decoupled_weight_decay=True,
             amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
