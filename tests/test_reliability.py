@@ -485,3 +485,27 @@ def test_12_a_0d_tensor_lr_steps_like_the_float(name, extra):
     assert _finite(opt, model)
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------- 15: torch.compile(opt.step) runs the eager step
+@pytest.mark.parametrize("name", ["Adakaon", "KProdigy", "Lion", "AdamW"])
+def test_15_compiled_step_runs_at_once_and_equals_the_eager_step(name):
+    import time
+
+    cls = getattr(kaon, name)
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (8, 8, 16)]  # the shapes
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt, ref = cls(params), cls(twin)
+    step = torch.compile(opt.step)
+    start = time.perf_counter()
+    for i in range(3):
+        gen = torch.Generator().manual_seed(i)
+        for p, q in zip(params, twin):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        step()
+        ref.step()
+    assert time.perf_counter() - start < 60  # no minutes of compiling and recompiling
+    for p, q in zip(params, twin):
+        assert torch.equal(p, q)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any, ClassVar
@@ -46,6 +47,28 @@ def _translating(init: Callable[..., None]) -> Callable[..., None]:
             self.__dict__.pop("_upstream_translated", None)
 
     return _init
+
+
+def _eager(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` run eagerly even inside ``torch.compile`` (issue 17, case 15).
+
+    ``torch.compile(opt.step)`` traced kaon's host-side planning, caches and once-per-step memos
+    and crashed (inductor ``KeyError``, ``NameError``) or recompiled for minutes; the step runs
+    as in eager mode instead (``torch._dynamo.disable``), at once. The compiled kernels kaon
+    runs itself (``compile=True``, :mod:`kaon.kernels.compiled`) are compiled as before. Without
+    ``torch._dynamo`` imported nothing can be compiling, so the eager path costs no import."""
+    disabled: list[Callable[..., Any]] = []
+
+    @functools.wraps(method)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        dynamo = sys.modules.get("torch._dynamo")
+        if dynamo is None:
+            return method(*args, **kwargs)
+        if not disabled:
+            disabled.append(dynamo.disable(method))
+        return disabled[0](*args, **kwargs)
+
+    return run
 
 
 class KaonOptimizer(torch.optim.Optimizer):
@@ -103,6 +126,9 @@ class KaonOptimizer(torch.optim.Optimizer):
         super().__init_subclass__(**kwargs)
         if "__init__" in cls.__dict__:
             cls.__init__ = _translating(cls.__init__)  # type: ignore[method-assign]
+        for name in ("step", "step_param"):
+            if name in cls.__dict__:
+                setattr(cls, name, _eager(cls.__dict__[name]))
         if names:
             registry.register_builtin(cls, tuple(names))
 
@@ -609,3 +635,7 @@ class KaonOptimizer(torch.optim.Optimizer):
                     f"first of shape {shape}; nothing was changed (nonfinite_grad='raise')"
                 )
 
+
+# the base class's own entries too (a subclass's are wrapped by __init_subclass__)
+KaonOptimizer.step = _eager(KaonOptimizer.step)  # type: ignore[method-assign]
+KaonOptimizer.step_param = _eager(KaonOptimizer.step_param)  # type: ignore[method-assign]
