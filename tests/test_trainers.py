@@ -249,3 +249,49 @@ def test_lightning_callback_brackets_validation(cls):
     assert ("train", True) in module.modes and ("val", False) in module.modes
     assert ("train", False) not in module.modes and ("val", True) not in module.modes
     assert not trainer.optimizers[0].training  # fit ends in eval mode: weights to save
+
+
+# ------------------------------- issue 17, case 16: gradient release under Trainer accumulation
+def test_gradient_release_under_trainer_accumulation_equals_the_normal_loop(tmp_path):
+    """The Trainer never sets optimizer_accumulation; the release reads accelerate's
+    sync_gradients (which the Trainer sets per micro-batch) and accumulates instead of stepping
+    on every micro-batch."""
+
+    class Release(transformers.TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            kaon.prepare_for_gradient_release(model, kaon_accelerate.unwrap(optimizer))
+
+    def run(release):
+        args = training_args(tmp_path, gradient_accumulation_steps=2, per_device_train_batch_size=4,
+                             max_steps=3, max_grad_norm=0.0)
+        model = tiny_llama()
+        trainer = transformers.Trainer(
+            model=model, args=args, train_dataset=TokenData(),
+            optimizer_cls_and_kwargs=(kaon.Adakaon, {"lr": 3e-3, "bf16_method": "none"}),
+            callbacks=[Release()] if release else [])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.train()
+        kaon.remove_gradient_release(model)
+        return params_of(model)
+
+    torch.testing.assert_close(run(True), run(False), rtol=1e-6, atol=1e-7)
+
+
+def test_gradient_release_refuses_a_second_backward_pass_before_step():
+    """A plain loop that accumulates without optimizer_accumulation: refused, not stepped."""
+    model = make_model()
+    opt = kaon.Adakaon(model.parameters(), lr=1e-2)
+    kaon.prepare_for_gradient_release(model, opt)
+    try:
+        loss_of(model, 0).backward()
+        opt.step()  # the loop is seen calling step()
+        loss_of(model, 1).backward()
+        before = params_of(model)
+        with pytest.raises(RuntimeError, match="optimizer_accumulation"):
+            loss_of(model, 2).backward()  # a second micro-batch, no step() in between
+        assert_same(before, params_of(model))  # the first hook refused: nothing stepped
+        opt.step()
+        loss_of(model, 3).backward()  # after step() the loop goes on
+    finally:
+        kaon.remove_gradient_release(model)

@@ -48,6 +48,7 @@ optimizer later (``add_param_group``) need ``remove_gradient_release`` and a new
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -77,6 +78,16 @@ class GradientRelease:
         self.handles: list[Any] = []
         self._where: dict[int, tuple[int, int]] = {}
         self._index()
+        # accumulation without optimizer_accumulation (issue 17, case 16): once the loop is
+        # seen calling optimizer.step(), a parameter stepped twice between two such calls
+        # means its gradients were meant to be accumulated; refuse instead of stepping again
+        self._stepped: set[int] = set()
+        self._loop_steps = False
+        self._step_hook = optimizer.register_step_pre_hook(self._on_optimizer_step)
+
+    def _on_optimizer_step(self, *_: Any) -> None:
+        self._loop_steps = True
+        self._stepped.clear()
 
     def _index(self) -> None:
         self._where = {
@@ -109,13 +120,20 @@ class GradientRelease:
             return
         state = opt.state.get(p)
         pending = state.get(ACCUMULATED_GRAD) if state else None
-        if getattr(opt, "optimizer_accumulation", False):
+        if _accumulating(opt):
             if pending is None:
                 opt.state[p][ACCUMULATED_GRAD] = grad  # the gradient itself: no copy
             else:
                 pending.add_(grad)
             p.grad = None
             return
+        if self._loop_steps and id(p) in self._stepped:
+            raise RuntimeError(
+                "gradient release: a second backward pass reached a parameter before "
+                "optimizer.step() was called again: gradient accumulation? Set "
+                "optimizer.optimizer_accumulation = True for every micro-batch but the last "
+                "(kaon reads accelerate's sync_gradients, as transformers.Trainer and "
+                "accelerator.accumulate set it, by itself); see docs/gradient-release.md")
         if pending is not None:
             del state[ACCUMULATED_GRAD]
             p.grad = pending.add_(grad)
@@ -123,6 +141,7 @@ class GradientRelease:
             torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
         try:
             opt.step_param(p, self.group_of(p))
+            self._stepped.add(id(p))
         finally:
             p.grad = None
 
@@ -131,11 +150,24 @@ class GradientRelease:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        self._step_hook.remove()
         for p in self.params:
             state = self.optimizer.state.get(p)
             pending = state.pop(ACCUMULATED_GRAD, None) if state else None
             if pending is not None:
                 p.grad = pending if p.grad is None else pending.add_(p.grad)
+
+
+def _accumulating(optimizer: Any) -> bool:
+    """Whether this backward pass only accumulates: ``optimizer.optimizer_accumulation``, or
+    accelerate's gradient state saying the micro-batch does not end an accumulation cycle
+    (``sync_gradients`` False: ``transformers.Trainer`` with ``gradient_accumulation_steps``,
+    ``accelerator.accumulate``). Without accelerate imported only the attribute counts."""
+    if getattr(optimizer, "optimizer_accumulation", False):
+        return True
+    state = sys.modules.get("accelerate.state")
+    shared = getattr(getattr(state, "GradientState", None), "_shared_state", None)
+    return isinstance(shared, dict) and shared.get("sync_gradients", True) is False
 
 
 def prepare_for_gradient_release(model: nn.Module, optimizer: KaonOptimizer, *,
