@@ -250,7 +250,11 @@ def test_train_mode_checkpoint_is_not_baked_into_the_weights(dtype):
     assert bits_equal(weights(model), weights(fresh))
 
 
-def test_eval_mode_checkpoint_records_no_displacement():
+def test_eval_mode_checkpoint_loads_in_eval_mode_and_train_restores_the_climb():
+    """Issue 17, case 10: an eval-mode checkpoint (true weights) carries the record of the
+    displacement and its fix-ups; it loads in eval mode and train() puts the displacement back,
+    so the resumed run equals the original one (it used to come back in train mode, without
+    the displacement)."""
     model = make()
     opt = kaon.Nekaon(model.parameters(), lr=2e-2)
     train(model, opt, 4)
@@ -259,18 +263,24 @@ def test_eval_mode_checkpoint_records_no_displacement():
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
     true = weights(model)
     opt.train()
+    live = weights(model)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
     fresh = make(seed=9)
     fresh.load_state_dict(saved["model"])
     opt2 = kaon.Nekaon(fresh.parameters(), lr=2e-2)
     opt2.load_state_dict(saved["opt"])
-    assert opt2.training
+    assert not opt2.training
     for p in fresh.parameters():
         assert torch.count_nonzero(opt2.displacement(p)) == 0
-    assert bits_equal(true, eval_weights(fresh, opt2))
-    train(fresh, opt2, 1, start=4)  # the first step removes nothing and climbs afresh
-    assert any(torch.count_nonzero(opt2.displacement(p)) for p in fresh.parameters())
+    assert bits_equal(true, weights(fresh))
+    with pytest.raises(RuntimeError, match="eval mode"):
+        opt2.step()
+    opt2.train()
+    assert bits_equal(live, weights(fresh))
+    train(model, opt, 2, start=4)
+    train(fresh, opt2, 2, start=4)
+    assert bits_equal(weights(model), weights(fresh))
 
 
 def test_skipped_step_keeps_weights_and_displacement_consistent():

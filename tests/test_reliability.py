@@ -509,3 +509,40 @@ def test_15_compiled_step_runs_at_once_and_equals_the_eager_step(name):
     assert time.perf_counter() - start < 60  # no minutes of compiling and recompiling
     for p, q in zip(params, twin):
         assert torch.equal(p, q)
+
+
+# ------------------------------ 10: Nekaon resumes exactly from a checkpoint taken after eval()
+@pytest.mark.parametrize("name", ["Nekaon", "Nekaon-int8-b0.2", "Nekaon-kahan"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_10_nekaon_resumes_exactly_from_an_eval_mode_checkpoint(name, dtype):
+    from test_conformance import train
+
+    entry = next(e for e in OPTIMIZERS if e.name == name)
+    model, opt = _trained(entry, steps=5, dtype=dtype)
+    opt.eval()  # evaluate, save, continue: the trainers' order
+    weights = copy.deepcopy(model.state_dict())
+    checkpoint = copy.deepcopy(opt.state_dict())
+    opt.train()
+    train(model, opt, 10, start=5, dtype=dtype)
+
+    resumed = make_model(dtype, seed=1)
+    resumed.load_state_dict(weights)
+    again = entry.make(resumed.parameters(), lr=entry.train_lr)
+    again.load_state_dict(checkpoint)
+    assert not again.training  # the checkpoint's mode
+    again.train()
+    train(resumed, again, 10, start=5, dtype=dtype)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_10_a_damaged_eval_fixup_is_refused():
+    entry = next(e for e in OPTIMIZERS if e.name == "Nekaon")
+    model, opt = _trained(entry, steps=3, dtype=torch.bfloat16)
+    opt.eval()
+    checkpoint = copy.deepcopy(opt.state_dict())
+    opt.train()
+    damaged = next(s for s in checkpoint["state"].values() if "eval_fixup_index" in s)
+    damaged["eval_fixup_index"] = torch.tensor([10**9])
+    damaged["eval_fixup_values"] = torch.zeros(1, dtype=torch.bfloat16)
+    _refused_unchanged(opt, model, checkpoint)

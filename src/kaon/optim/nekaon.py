@@ -16,6 +16,9 @@ from kaon.validation import check_all, integer, real
 __all__ = ["Nekaon"]
 
 _RECORD = "climb"
+# in an eval-mode state dict: the fix-ups train() needs to restore the live weights exactly
+# (indices into the flattened parameter, int64, and the live values there, parameter dtype)
+_EVAL_INDEX, _EVAL_VALUES = "eval_fixup_index", "eval_fixup_values"
 
 
 def _displacement(m: Tensor, record: Tensor, out: Tensor | None = None) -> Tensor:
@@ -89,9 +92,12 @@ class Nekaon(Adakaon, names=("Nekaon",)):
     Checkpoints: the ``climb`` record travels in the state dict, so a state dict saved in
     train mode (displaced weights) and loaded into a fresh optimizer together with those
     weights knows the displacement is there and removes it at the next ``step()`` or
-    ``eval()``; resume is bit-identical. A state dict saved in eval mode records no
-    displacement (the weights saved with it are the true ones); the first step after loading
-    it removes nothing and climbs afresh. Save the weights and the optimizer at the same moment.
+    ``eval()``; resume is bit-identical. A state dict saved in eval mode (the order trainers
+    use: evaluate, save, continue) holds the true weights' record of the displacement that
+    ``train()`` puts back, plus its fix-ups (``eval_fixup_index``, ``eval_fixup_values``);
+    loading it leaves the optimizer in eval mode, and ``train()`` then restores the live weights
+    bit for bit, so resume is bit-identical too. Save the weights and the optimizer at the same
+    moment.
 
     Example::
 
@@ -225,12 +231,55 @@ class Nekaon(Adakaon, names=("Nekaon",)):
             return torch.zeros(p.shape, device=p.device)
         return self._computed_displacement(p, group, state[_RECORD])
 
+    extra_state_keys = (*Adakaon.extra_state_keys, _EVAL_INDEX, _EVAL_VALUES)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state dict; in eval mode each displaced parameter's entry holds the record of
+        the displacement ``train()`` restores (not zeros) and the fix-ups (issue 17, case 10)."""
+        state_dict = super().state_dict()
+        if not self._training and self._eval_stash:
+            ids = {id(p): i for i, p in enumerate(p for g in self.param_groups
+                                                   for p in g["params"])}
+            for p, (record, index, values) in self._eval_stash.items():
+                entry = state_dict["state"].get(ids.get(id(p)))
+                if entry is not None:
+                    state_dict["state"][ids[id(p)]] = {
+                        **entry, _RECORD: record, _EVAL_INDEX: index, _EVAL_VALUES: values}
+        return state_dict
+
+    def _checked_param_state(self, p: Tensor, group: dict[str, Any], state: Any,
+                             owner: str) -> dict[str, Any]:
+        state = super()._checked_param_state(p, group, state, owner)
+        index, values = state.get(_EVAL_INDEX), state.get(_EVAL_VALUES)
+        if index is None and values is None:
+            return state
+        where = f"{owner}: the state of a parameter of shape {tuple(p.shape)}"
+        ok = (isinstance(index, Tensor) and isinstance(values, Tensor)
+              and index.dtype == torch.int64 and index.ndim == 1 and values.ndim == 1
+              and values.dtype == p.dtype and len(index) == len(values) and _RECORD in state)
+        if ok and len(index):
+            ok = int(index.min()) >= 0 and int(index.max()) < p.numel() and \
+                bool(torch.isfinite(values.float()).all())
+        if not ok:
+            raise ValueError(f"{where}: {_EVAL_INDEX!r} / {_EVAL_VALUES!r} are not the fix-ups of "
+                             "an eval-mode checkpoint of this parameter")
+        return state
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict (see :class:`Nekaon` for how displacements travel); the optimizer
-        is in train mode afterwards."""
+        """Load a state dict (see :class:`Nekaon` for how displacements travel). It takes the
+        checkpoint's mode: after an eval-mode checkpoint the optimizer is in eval mode (the
+        weights loaded with it are the true ones) and ``train()`` puts the displacement back."""
         super().load_state_dict(state_dict)
-        self._eval_stash = {}
-        self._training = True
+        stash = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                index, values = state.pop(_EVAL_INDEX, None), state.pop(_EVAL_VALUES, None)
+                if index is not None and values is not None:
+                    stash[p] = (state[_RECORD], index, values)
+                    state[_RECORD] = torch.zeros_like(state[_RECORD])
+        self._eval_stash = stash
+        self._training = not stash
 
     # ----------------------------------------------------------------------- internals
     def _require_training(self, what: str) -> None:
