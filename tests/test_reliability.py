@@ -546,3 +546,43 @@ def test_10_a_damaged_eval_fixup_is_refused():
     damaged["eval_fixup_index"] = torch.tensor([10**9])
     damaged["eval_fixup_values"] = torch.zeros(1, dtype=torch.bfloat16)
     _refused_unchanged(opt, model, checkpoint)
+
+
+# ------------------------------- 18: OneCycleLR(cycle_momentum=True) cycles Adafactor8Bit's beta1
+def test_18_one_cycle_lr_cycles_adafactor8bit_momentum():
+    model = make_model()
+    opt = kaon.Adafactor8Bit(model.parameters(), lr=1e-2, beta1=0.9, relative_step=False)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10,
+                                                cycle_momentum=True, base_momentum=0.8,
+                                                max_momentum=0.95)
+    seen = []
+    for i in range(6):
+        set_grads(model, i)
+        opt.step()
+        seen.append(opt.param_groups[0]["beta1"])
+        sched.step()
+    assert seen[0] == pytest.approx(0.95) and min(seen) < 0.95  # the cycle reaches the rule
+    assert _finite(opt, model)
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # the key round-trips
+    set_grads(model, 7)
+    opt.step()
+    # without momentum there is nothing to cycle: torch's own refusal, at construction
+    plain = kaon.Adafactor8Bit(make_model().parameters())
+    with pytest.raises(ValueError, match="momentum"):
+        torch.optim.lr_scheduler.OneCycleLR(plain, max_lr=1e-2, total_steps=10,
+                                            cycle_momentum=True)
+
+
+def test_18_cycled_momentum_equals_setting_beta1():
+    a, b = make_model(), make_model()
+    opt_a = kaon.Adafactor8Bit(a.parameters(), beta1=0.9, relative_step=False)
+    opt_b = kaon.Adafactor8Bit(b.parameters(), beta1=0.9, relative_step=False)
+    for i, m in enumerate([0.9, 0.85, 0.8, 0.85]):
+        opt_a.param_groups[0]["momentum"] = m  # as a scheduler writes it
+        opt_b.param_groups[0]["beta1"] = m
+        set_grads(a, i)
+        set_grads(b, i)
+        opt_a.step()
+        opt_b.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)

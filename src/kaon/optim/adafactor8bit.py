@@ -24,7 +24,7 @@ from kaon.state.codecs import (
     LogSpace8BitCodec,
     momentum_codec,
 )
-from kaon.validation import Check, boolean, choice, integer, optional, pair, real
+from kaon.validation import Check, boolean, check_all, choice, integer, optional, pair, real
 
 __all__ = ["Adafactor8Bit", "APOLLO_SCALE_TYPES", "PRESETS", "ROUTES", "build_param_groups"]
 
@@ -224,6 +224,7 @@ class Adafactor8Bit(KaonOptimizer, names=("Adafactor8Bit",)):
     hyperparameter_checks: dict[str, Check] = {
         "lr": real(0.0),
         "beta1": optional(_UNIT),
+        "momentum": optional(_UNIT),  # beta1 under torch's schedulers' name (cycle_momentum)
         "beta2": optional(_UNIT),
         "beta2_decay": optional(real(high=0.0)),
         "beta3": optional(_UNIT),
@@ -316,10 +317,73 @@ class Adafactor8Bit(KaonOptimizer, names=("Adafactor8Bit",)):
             bias_correction=bias_correction, scale_weight_decay=scale_weight_decay,
             bf16_method=bf16_method,
         )
+        if beta1 is not None:
+            # torch's OneCycleLR / CyclicLR (cycle_momentum=True) look for a "momentum" key and
+            # write the cycled value there; each step takes a changed one into beta1. Without
+            # momentum there is nothing to cycle: no key, and torch's schedulers refuse
+            defaults["momentum"] = beta1
+        self._momentum_seen: dict[int, tuple[dict[str, Any], Any]] = {}
         super().__init__(
             params, defaults, foreach=foreach, foreach_batch_cutoff=foreach_batch_cutoff,
             foreach_stack_budget=foreach_stack_budget, nonfinite_grad=nonfinite_grad, seed=seed,
         )
+        self.register_step_pre_hook(lambda opt, args, kwargs: opt._sync_momentum())
+
+    # ------------------------------------------------------------ momentum for torch's schedulers
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; a ``momentum`` given without ``beta1`` is its ``beta1``."""
+        if isinstance(param_group, dict) and param_group.get("momentum") is not None:
+            beta1 = param_group.get("beta1", param_group["momentum"])
+            if beta1 != param_group["momentum"]:
+                raise ValueError(f"{type(self).__name__}: a group with momentum="
+                                 f"{param_group['momentum']!r} and beta1={beta1!r}: they are one "
+                                 "setting (give one)")
+            param_group = {**param_group, "beta1": beta1}
+        super().add_param_group(param_group)
+        self._seen_now()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._seen_now()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_momentum_seen", {})
+        self._seen_now()
+
+    @torch.no_grad()
+    def step_param(self, p: Tensor, group: dict[str, Any]) -> None:
+        self._sync_momentum()
+        super().step_param(p, group)
+
+    def _seen_now(self) -> None:
+        seen = self.__dict__.setdefault("_momentum_seen", {})
+        live = {id(g) for g in self.param_groups}
+        for key in [k for k in seen if k not in live]:
+            del seen[key]
+        for group in self.param_groups:
+            if "momentum" in group and seen.get(id(group), (None,))[0] is not group:
+                seen[id(group)] = (group, group["momentum"])
+
+    def _sync_momentum(self) -> None:
+        """A ``momentum`` written since the last step (by a scheduler) becomes ``beta1``;
+        otherwise ``momentum`` follows ``beta1`` (a hand-set ``beta1`` wins)."""
+        self._seen_now()
+        owner = type(self).__name__
+        for group in self.param_groups:
+            if "momentum" not in group:
+                continue
+            written = group["momentum"]
+            if written != self._momentum_seen[id(group)][1]:
+                check_all({"momentum": self.hyperparameter_checks["momentum"]},
+                          {"momentum": written}, owner)
+                if group["beta1"] is None and written is not None:
+                    raise ValueError(
+                        f"{owner}: momentum={written!r} was set on a group with beta1=None (no "
+                        "momentum state to cycle); construct it with beta1 set to cycle momentum")
+                group["beta1"] = written
+            group["momentum"] = group["beta1"]
+            self._momentum_seen[id(group)] = (group, group["momentum"])
 
     # ------------------------------------------------------------------------ validation
     def check_group(self, group: dict[str, Any], owner: str) -> None:
