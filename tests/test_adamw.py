@@ -152,10 +152,21 @@ def test_torch_checkpoint_loads_and_continues_identically():
 
 def test_fused_true_raises_when_the_kernel_cannot_be_exact():
     p = [torch.zeros(4, 4, requires_grad=True)]
-    opt = kaon.AdamW(p, fused=True, state_dtype="int8")
-    p[0].grad = torch.ones(4, 4)
-    with pytest.raises(RuntimeError, match="fused=True but state_dtype='int8'"):
+    if kaon.AdamW(p, fused=True)._kernel is not None:
+        pytest.skip("kaon's Triton kernel runs what torch's cannot")
+    # a setting or a parameter: refused when the group is made (issue 17), not at step()
+    with pytest.raises(ValueError, match="fused=True but state_dtype='int8'"):
+        kaon.AdamW(p, fused=True, state_dtype="int8")
+    with pytest.raises(ValueError, match="fused=True but a parameter is 0-D"):
+        kaon.AdamW([torch.zeros((), requires_grad=True)], fused=True)
+    opt = kaon.AdamW(p, fused=True)
+    with pytest.raises(ValueError, match="fused=True but a parameter or gradient is torch.bfloat16"):
+        opt.add_param_group({"params": [torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)]})
+    # a gradient: at step(), before anything changes
+    p[0].grad = torch.ones(4, 4).t()
+    with pytest.raises(RuntimeError, match="fused=True but a parameter or gradient is not contig"):
         opt.step()
+    assert torch.equal(p[0], torch.zeros(4, 4))
 
 
 def quantize_bf16(x):

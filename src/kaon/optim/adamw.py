@@ -190,8 +190,10 @@ class AdamW(KaonOptimizer, names=("AdamW",)):
             exactly this step (float32 state, fp32 parameters and gradients, a device torch has
             the kernel for, all gradients finite under ``nonfinite_grad="skip"``), else kaon's
             Triton kernel when CUDA and Triton are present (quantized state, bf16 weights; see
-            docs/kernels.md), else the engine; True: the same, but raise ``RuntimeError`` at
-            ``step()`` when a setting rules torch's kernel out and kaon's is not available;
+            docs/kernels.md), else the engine; True: the same, but where a setting or a
+            parameter rules torch's kernel out and kaon's is not available, ``ValueError`` when
+            the group is made (``state_dtype``, a bf16, 0-D or strided parameter) or
+            ``RuntimeError`` at ``step()`` (a gradient of another dtype or layout);
             False: neither.
         capturable, differentiable (bool, default False): accepted for torch compatibility;
             True raises ``ValueError`` (not supported).
@@ -286,6 +288,22 @@ class AdamW(KaonOptimizer, names=("AdamW",)):
         return delta, state
 
     # ------------------------------------------------------------------ torch's fused kernel
+    def check_group(self, group: dict[str, Any], owner: str) -> None:
+        """``fused=True`` where torch's kernel cannot run and kaon's is unavailable: refused when
+        the group is made (or loaded), not at the first ``step()``."""
+        super().check_group(group, owner)
+        if group.get("fused") is not True or getattr(self, "_kernel", None) is not None:
+            return
+        blocker = None
+        if _moment_dtypes(group["state_dtype"]) != ("float32", "float32"):
+            blocker = f"state_dtype={group['state_dtype']!r} (the kernel keeps float32 state)"
+        for p in group.get("params", []):
+            if blocker is None and isinstance(p, Tensor):
+                blocker = self._param_blocker(p, with_grad=False)
+        if blocker is not None:
+            raise ValueError(f"{owner}: fused=True but {blocker}, and kaon's Triton kernel is "
+                             "not available (fused=None picks the exact path by itself)")
+
     def fused_blocker(self, group: dict[str, Any], params: list[Tensor]) -> str | None:
         """Why torch's fused kernel cannot run this step of ``params`` exactly (None: it can)."""
         if _moment_dtypes(group["state_dtype"]) != ("float32", "float32"):
@@ -297,18 +315,20 @@ class AdamW(KaonOptimizer, names=("AdamW",)):
         return None
 
     @staticmethod
-    def _param_blocker(p: Tensor) -> str | None:
+    def _param_blocker(p: Tensor, with_grad: bool = True) -> str | None:
         """Why the fused kernel cannot run ``p`` exactly; decided per parameter, so that a
         parameter takes the same kernel in ``step()`` as in ``step_param()`` whatever its
-        neighbours in the group are (issue 17, case 11)."""
-        if p.dtype is not torch.float32 or p.grad.dtype is not torch.float32:
-            return (f"a parameter or gradient is {p.dtype}/{p.grad.dtype} (the kernel "
+        neighbours in the group are (issue 17, case 11). ``with_grad=False``: the parameter
+        alone (when its group is made)."""
+        grad = p.grad if with_grad else p
+        if p.dtype is not torch.float32 or grad.dtype is not torch.float32:
+            return (f"a parameter or gradient is {p.dtype}/{grad.dtype} (the kernel "
                     "would round bf16 weights to nearest; kaon's write-back runs instead)")
         if type(p) not in (Tensor, torch.nn.Parameter) or p.device.type not in _fused_devices():
             return f"a parameter is a {type(p).__name__} on {p.device.type}"
         if p.ndim == 0:
             return "a parameter is 0-D (its state is stored as shape (1,))"
-        if not (p.is_contiguous() and p.grad.is_contiguous()):
+        if not (p.is_contiguous() and grad.is_contiguous()):
             # torch's fused CPU kernel walks the storage linearly: on a strided view it
             # writes into the neighbouring elements of the base tensor
             return "a parameter or gradient is not contiguous"

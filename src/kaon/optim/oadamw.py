@@ -243,7 +243,7 @@ class OAdamW(KaonOptimizer, names=("OAdamW", "StableAdamW")):
     def update(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         group, state = batch.group, batch.state
         beta1, beta2 = group["betas"]
-        eps = group["eps"]
+        eps = float(group["eps"])  # an int eps (2**40) would square past int64
         per_slice = (batch.size,) + (1,) * len(batch.view)
         new_state: dict[str, Tensor] = {}
 
