@@ -28,14 +28,14 @@ from torch import nn
 
 import kaon
 from kaon.battery.core import PROFILES, Profile, rex_multiplier
+from kaon.battery.runner import make_tasks
+from kaon.grouping import build_optimizer
 
 #: the battery's quick profile when the acceptance table was measured (240 steps at batch 8,
 #: LM 240 steps at batch 16, 2 curve draws); the battery's quick profile now trains 120 steps at
 #: twice the batch
 QUICK_240 = dataclasses.replace(PROFILES["quick"], name="quick-240", steps=240, batch=8,
                                 lm_steps=240, lm_batch=16, curve_draws=2)
-from kaon.battery.runner import make_tasks
-from kaon.grouping import build_optimizer
 
 DEFAULT_GRID = "3e-3,5e-3,7e-3,1e-2,1.5e-2,2e-2,3e-2,4e-2,5e-2,7e-2,1e-1"
 
