@@ -373,7 +373,7 @@ def test_recipes_quote_only_the_committed_battery_run():
         best = min((r for r in rows.values() if r[key] is not None), key=lambda r: r[key])
         assert name == best["name"], f"recipes.md: best {title} is {best['name']}, not {name}"
     # the seed-noise figures
-    noise = re.search(r"seed noise is large \(held-out loss ([\d.]+), gap ([\d.]+)\)", recipes)
+    noise = re.search(r"seed noise \(held-out loss ([\d.]+), gap ([\d.]+)[:)]", recipes)
     assert noise, "recipes.md must quote the seed noise"
     assert noise.group(1) == f"{results['noise']['te']:.4f}"
     assert noise.group(2) == f"{results['noise']['gap']:.4f}"
