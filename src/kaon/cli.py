@@ -128,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     t.add_argument("--profile", choices=["quick", "full", "tiny"], default="quick",
-                   help="quick (default): about 100 s of CPU time in 2 worker processes; full: "
+                   help="quick (default): 100-120 s of CPU time in 2 worker processes; full: "
                    "the upstream protocol sizes (hours on a CPU); tiny: seconds, for tests")
     t.add_argument("--only", metavar="NAME,...",
                    help="measure only these entries (see --list; 'peers' adds every peer)")

@@ -57,7 +57,7 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    # a laptop CPU: the default set in about 100 s of CPU time (2 worker processes); 120 steps
+    # a laptop CPU: the default set in 100-120 s of CPU time (2 worker processes); 120 steps
     # at twice the batch of the former 240 steps (these models cost nearly the same per step
     # at either batch)
     "quick": Profile("quick", seeds=(0,), width=16, steps=120, batch=16,
