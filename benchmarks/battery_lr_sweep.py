@@ -1,11 +1,11 @@
 """Learning-rate sweep behind the battery registry's proxy learning rates.
 
 For every default battery entry and every task family, train at the registry lr times
-{1/3, 1, 3} (scheduled REX runs, seed 0, the quick profile) and print the held-out loss of each,
+{1/2, 1, 2} (scheduled REX runs, seed 0, the quick profile) and print the held-out loss of each,
 marking the best. The registry's ``lr`` values are the winners of this sweep; rerun it after
 changing a task or an optimizer's defaults.
 
-Usage: python benchmarks/battery_lr_sweep.py [--only NAME,...] [--factors 0.333,1,3]
+Usage: python benchmarks/battery_lr_sweep.py [--only NAME,...] [--factors 0.5,1,2]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from kaon.battery.runner import make_tasks
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only")
-    parser.add_argument("--factors", default="0.333,1,3")
+    parser.add_argument("--factors", default="0.5,1,2")
     parser.add_argument("--tasks", default="diffusion,lm")
     args = parser.parse_args()
     torch.set_num_threads(1)

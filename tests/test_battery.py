@@ -80,6 +80,28 @@ def test_new_optimizer_measures_only_itself_and_rerenders(tiny_run, tmp_path):
     assert {row["name"] for row in results["timing"]["rows"]} == set(names)
 
 
+def test_a_weak_added_optimizer_keeps_the_default_ranking(tiny_run, tmp_path):
+    """kaon battery --optimizer torch.optim:SGD "lr=0.01" on a cache of the default entries:
+    the targets, and every default entry's ranks, mean rank and place, stay as they were."""
+    out, before = tiny_run
+    cache = json.loads((out / "cache.json").read_text())
+    for entries in cache["contexts"].values():  # only the fixture's entries (no other test's)
+        for config in [c for c, e in entries.items() if e.get("family") == "custom"]:
+            del entries[config]
+    (tmp_path / "cache.json").write_text(json.dumps(cache))
+    weak = entry_from_spec("torch.optim:SGD", "lr=0.01")
+    after = battery.run_battery([*_two_entries(), weak], profile="tiny", out=tmp_path,
+                                threads=1, progress=False, log=lambda _: None)
+    assert after["target"] == before["target"]
+    assert after["target_const"] == before["target_const"]
+    rows = {r["name"]: r for r in after["rows"]}
+    assert rows[weak.name]["te"] > max(r["te"] for r in before["rows"])  # it is the weak one
+    for old in before["rows"]:
+        new = rows[old["name"]]
+        for key in ("ranks", "mean_rank", "place", "conv", "wins"):
+            assert new[key] == old[key], (old["name"], key)
+
+
 def test_render_only_measures_nothing(tiny_run):
     out, _ = tiny_run
     logs: list[str] = []
@@ -351,7 +373,7 @@ def test_recipes_quote_only_the_committed_battery_run():
         best = min((r for r in rows.values() if r[key] is not None), key=lambda r: r[key])
         assert name == best["name"], f"recipes.md: best {title} is {best['name']}, not {name}"
     # the seed-noise figures
-    noise = re.search(r"seed noise is large \(held-out loss ([\d.]+), gap ([\d.]+)\)", recipes)
+    noise = re.search(r"seed noise \(held-out loss ([\d.]+), gap ([\d.]+)[:)]", recipes)
     assert noise, "recipes.md must quote the seed noise"
     assert noise.group(1) == f"{results['noise']['te']:.4f}"
     assert noise.group(2) == f"{results['noise']['gap']:.4f}"

@@ -128,8 +128,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     t.add_argument("--profile", choices=["quick", "full", "tiny"], default="quick",
-                   help="quick (default): a few minutes on 2 CPU cores; full: the upstream "
-                   "protocol sizes (hours on a CPU); tiny: seconds, for tests")
+                   help="quick (default): 100-120 s of CPU time in 2 worker processes; full: "
+                   "the upstream protocol sizes (hours on a CPU); tiny: seconds, for tests")
     t.add_argument("--only", metavar="NAME,...",
                    help="measure only these entries (see --list; 'peers' adds every peer)")
     t.add_argument("--optimizer", nargs="+", action="append", metavar=("MODULE:CLASS", "ARGS"),

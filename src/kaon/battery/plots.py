@@ -208,23 +208,35 @@ def _samples(plt, rows, out: Path, train_images: Any) -> Path | None:
         size = row["sample_size"]
         lines.append((row["name"], [[pixels[k * size:(k + 1) * size] for k in range(size)]
                                     for pixels in row["samples"]]))
+    # one mosaic in one image (one axes, not one per image: a grid of a hundred axes costs
+    # seconds to lay out and draw); a 2-pixel gap separates the images
+    import numpy as np
+
     count = max(len(images) for _, images in lines)
+    size = max(len(images[0]) for _, images in lines if images)
+    gap = 2
+    stride = size + gap
+    mosaic = np.full((len(lines) * stride - gap, count * stride - gap), np.nan)
+    for i, (_, images) in enumerate(lines):
+        for j, image in enumerate(images):
+            pixels = np.asarray(image, dtype=float)
+            h, w = pixels.shape
+            mosaic[i * stride:i * stride + h, j * stride:j * stride + w] = pixels
     cell = 0.95  # inches per image: 16 px at 110 dpi become about 100 px (nearest-neighbour)
-    fig, axes = plt.subplots(len(lines), count, squeeze=False,
-                             figsize=(cell * count + 1.8, cell * len(lines) + 0.6))
-    for i, (label, images) in enumerate(lines):
-        for j in range(count):
-            ax = axes[i][j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j < len(images):
-                ax.imshow(images[j], cmap="gray", vmin=-2.5, vmax=2.5, interpolation="nearest")
-            if i == 0 and train_images is not None:
-                for spine in ax.spines.values():
-                    spine.set_color("tab:blue")
-                    spine.set_linewidth(2)
-            if j == 0:
-                ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    fig, ax = plt.subplots(figsize=(cell * count + 1.8, cell * len(lines) + 0.6))
+    cmap = plt.get_cmap("gray").with_extremes(bad="white")
+    ax.imshow(mosaic, cmap=cmap, vmin=-2.5, vmax=2.5, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([i * stride + (size - 1) / 2 for i in range(len(lines))])
+    ax.set_yticklabels([label for label, _ in lines], fontsize=8)
+    ax.tick_params(axis="y", length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if train_images is not None:
+        from matplotlib.patches import Rectangle
+
+        ax.add_patch(Rectangle((-1, -1), count * stride - gap + 1, size + 1, fill=False,
+                               edgecolor="tab:blue", linewidth=2, clip_on=False))
     fig.suptitle("Top: training images (the model may memorize these). Below: DDIM samples "
                  "from each optimizer's diffusion model, same noise", fontsize=9)
     fig.tight_layout()

@@ -25,8 +25,9 @@ seconds to T = ``ms * conv / 1000``) are measured for all entries together in ea
 of ``results.json`` (``timing``), so everything else is byte-for-byte reproducible.
 
 A mean rank hides that optimizers are specialists, so the report also lists each optimizer's
-wins, and it states the seed noise: the difference between two seeds of the reference
-optimizer, below which held-out differences are not meaningful.
+wins, and it states the seed noise: the spread (largest minus smallest) of the reference
+optimizer's held-out loss over its seeds (the profile's seeds plus ``noise_seeds``), below
+which held-out differences are not meaningful.
 """
 
 from __future__ import annotations
@@ -249,7 +250,7 @@ def _speed_rows(rows: Sequence[dict[str, Any]],
 
 def _seed_noise(entries: dict[str, Any], profile: Profile) -> dict[str, float] | None:
     """Seed-to-seed spread of held-out loss and gap (reference optimizer, or all entries)."""
-    spreads_te, spreads_gap = [], []
+    spreads_te, spreads_gap, counts = [], [], []
     for entry in entries.values():
         runs = entry.get("runs", {})
         finals = [RunRecord.from_json(v) for k, v in runs.items()
@@ -259,10 +260,11 @@ def _seed_noise(entries: dict[str, Any], profile: Profile) -> dict[str, float] |
             spreads_te.append(max(r.final_heldout for r in finals)
                               - min(r.final_heldout for r in finals))
             spreads_gap.append(max(r.gap for r in finals) - min(r.gap for r in finals))
+            counts.append(len(finals))
     if not spreads_te:
         return None
     return {"te": statistics.fmean(spreads_te), "gap": statistics.fmean(spreads_gap),
-            "pairs": len(spreads_te)}
+            "pairs": len(spreads_te), "seeds": max(counts)}
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -328,11 +330,15 @@ def _noise_text(noise: dict[str, float] | None, profile: Profile) -> str:
     if noise is None:
         return ("Seed noise: not measured (one seed); treat held-out differences of a few "
                 "thousandths as noise.")
-    who = ("the reference optimizer (AdamW) trained with two seeds" if len(profile.seeds) == 1
-           else f"{noise['pairs']} optimizers trained with {len(profile.seeds)} seeds")
+    if len(profile.seeds) == 1:
+        count = noise.get("seeds", 2)
+        who = f"the reference optimizer (AdamW) trained with {count} seeds"
+    else:
+        who = f"{noise['pairs']} optimizers trained with {len(profile.seeds)} seeds"
     return (f"Seed noise, from {who}: held-out loss differs by {noise['te']:.4f} and the gap by "
-            f"{noise['gap']:.4f} between seeds. Differences smaller than that are within seed "
-            "noise and do not separate optimizers (the plots draw it as bands and error bars).")
+            f"{noise['gap']:.4f} between seeds (largest minus smallest). Differences smaller "
+            "than that are within seed noise and do not separate optimizers (the plots draw it "
+            "as bands and error bars).")
 
 
 def _close_calls(rows: Sequence[dict[str, Any]], noise: dict[str, float] | None) -> list[str]:

@@ -113,8 +113,8 @@ def _planned_runs(entry: Entry, profile: Profile, tasks: Sequence[Any]) -> list[
     runs = []
     for task in tasks:
         seeds = list(profile.seeds)
-        if entry.name == REFERENCE and task.name == "diffusion" and profile.noise_seed not in seeds:
-            seeds.append(profile.noise_seed)  # the seed-noise estimate
+        if entry.name == REFERENCE and task.name == "diffusion":
+            seeds += [s for s in profile.noise_seeds if s not in seeds]  # the seed-noise estimate
         for seed in seeds:
             runs.append((task, "rex", seed))
         if task.name in profile.constant_tasks:

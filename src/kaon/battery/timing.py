@@ -6,7 +6,8 @@ runs, every entry's diffusion training step (forward, backward and ``step()`` at
 resolution) and its ``step()`` on the LoRA bag are timed in this process, round-robin over the
 entries (``profile.timing_rounds`` rounds), so a change of machine load during the pass spreads
 over all entries instead of landing on a few. Each number is the median of its samples, after
-three warmup steps per entry.
+three warmup steps per entry; the garbage collector is run once before the pass and paused
+during it.
 """
 
 from __future__ import annotations
@@ -67,16 +68,25 @@ def time_entries(entries: Sequence[Entry], task: Any, profile: Profile, *,
             continue
         steps[entry.cache_key] = (train_step, lora_step)
     samples: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in steps}
-    for _ in range(profile.timing_rounds):
-        for key, (train_step, lora_step) in steps.items():
-            gc.collect()
-            for function, out, count in ((train_step, samples[key][0], profile.timing_steps),
-                                         (lora_step, samples[key][1], lora_per_round)):
-                for _ in range(count):
-                    sync()
-                    tick = time.perf_counter()
-                    function()
-                    sync()
-                    out.append(time.perf_counter() - tick)
+    # one collection before the pass, none during it: a collection inside a timed step would
+    # land on whichever entry happens to run then (and a full collection per entry and round
+    # cost more than the steps themselves)
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(profile.timing_rounds):
+            for key, (train_step, lora_step) in steps.items():
+                for function, out, count in ((train_step, samples[key][0], profile.timing_steps),
+                                             (lora_step, samples[key][1], lora_per_round)):
+                    for _ in range(count):
+                        sync()
+                        tick = time.perf_counter()
+                        function()
+                        sync()
+                        out.append(time.perf_counter() - tick)
+    finally:
+        if enabled:
+            gc.enable()
     return {key: {"ms": 1e3 * statistics.median(train), "lora_ms": 1e3 * statistics.median(lora)}
             for key, (train, lora) in samples.items()}
