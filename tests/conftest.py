@@ -14,3 +14,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+#: modules that compile graphs with inductor (kaon.fused, compile=True kernels); they run last
+_COMPILING = ("test_fused.py",)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the modules that compile with inductor after every other module: once inductor has
+    compiled a graph in a process, Triton's CPU interpreter (``TRITON_INTERPRET=1``, which
+    tests/test_kernels.py uses) fails with "Cannot call @triton.jit'd outside of the scope of a
+    kernel" in that process."""
+    items.sort(key=lambda item: item.path.name in _COMPILING)

@@ -162,7 +162,7 @@ def warmed_pair(cls, kw, steps=2, dtype=torch.float32, shapes=SHAPES):
         set_grads(params_r, i)
         ref.step()
     params_f = clone_params(params_r)
-    fused = cls(params_f, lr=LR[cls], fused=True, **kw)
+    fused = cls(params_f, lr=LR[cls], fused="triton", **kw)
     fused.load_state_dict(roundtrip(ref.state_dict()))
     return ref, params_r, fused, params_f
 
@@ -176,8 +176,8 @@ def test_fused_argument_is_checked():
     class Custom(kaon.Adakaon):  # kernels are registered for exact classes: a subclass may
         pass                     # have another rule
 
-    with pytest.raises(ValueError, match="no fused kernel for Custom"):
-        Custom(p, fused=True)
+    with pytest.raises(ValueError, match="no Triton kernel for Custom"):
+        Custom(p, fused="triton")
     assert Custom(p, fused=None)._kernel is None
 
 
@@ -185,13 +185,13 @@ def test_fused_true_without_triton_or_device_raises(monkeypatch):
     p = [torch.zeros(3, requires_grad=True)]
     monkeypatch.setattr(kernels, "triton_available", lambda: False)
     with pytest.raises(RuntimeError, match="needs Triton"):
-        kaon.Adakaon(p, fused=True)
+        kaon.Adakaon(p, fused="triton")
     assert kaon.Lion(p, fused=None)._kernel is None  # automatic: the reference rule
     monkeypatch.setattr(kernels, "triton_available", lambda: True)
     monkeypatch.setattr(kernels, "interpreter", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
-        kaon.Lion(p, fused=True)
+        kaon.Lion(p, fused="triton")
     assert kaon.Adakaon(p, fused=None)._kernel is None
 
 
@@ -275,7 +275,7 @@ def test_tiled_regime_matches_the_reference(cls, kw, monkeypatch):
 def test_checkpoints_interchange_both_ways(cls, kw):
     """fused -> reference and reference -> fused continue like an uninterrupted run."""
     params_a = make_params(SMALL)
-    a = cls(params_a, lr=LR[cls], fused=True, **kw)
+    a = cls(params_a, lr=LR[cls], fused="triton", **kw)
     params_b = clone_params(params_a)
     b = cls(params_b, lr=LR[cls], fused=False, **kw)
     for i in range(2):
@@ -290,7 +290,7 @@ def test_checkpoints_interchange_both_ways(cls, kw):
     c = cls(params_c, lr=LR[cls], fused=False, **kw)
     c.load_state_dict(roundtrip(a.state_dict()))
     params_d = clone_params(params_b)
-    d = cls(params_d, lr=LR[cls], fused=True, **kw)
+    d = cls(params_d, lr=LR[cls], fused="triton", **kw)
     d.load_state_dict(roundtrip(b.state_dict()))
     for i in range(2, 4):
         for ps in (params_a, params_b, params_c, params_d):
@@ -312,9 +312,9 @@ def test_checkpoints_interchange_both_ways(cls, kw):
 def test_fused_resume_is_bit_identical(cls, kw, dtype):
     """Deterministic reductions and a checkpointed SR stream: resume gives the same bits."""
     params_a = make_params(SMALL, dtype=dtype)
-    a = cls(params_a, lr=LR[cls], fused=True, seed=3, **kw)
+    a = cls(params_a, lr=LR[cls], fused="triton", seed=3, **kw)
     params_b = clone_params(params_a)
-    b = cls(params_b, lr=LR[cls], fused=True, seed=3, **kw)
+    b = cls(params_b, lr=LR[cls], fused="triton", seed=3, **kw)
     for i in range(2):
         for ps in (params_a, params_b):
             set_grads(ps, i)
@@ -322,7 +322,7 @@ def test_fused_resume_is_bit_identical(cls, kw, dtype):
         b.step()
     saved = roundtrip(b.state_dict())
     params_c = clone_params(params_b)
-    c = cls(params_c, lr=LR[cls], fused=True, seed=99, **kw)
+    c = cls(params_c, lr=LR[cls], fused="triton", seed=99, **kw)
     c.load_state_dict(saved)
     for i in range(2, 4):
         for ps in (params_a, params_c):
@@ -372,7 +372,7 @@ def test_pointer_tables_follow_moved_gradients():
     params_r = make_params()
     ref = kaon.Adakaon(params_r, lr=1e-2, fused=False, momentum_dtype="int8")
     params_f = clone_params(params_r)
-    fused = kaon.Adakaon(params_f, lr=1e-2, fused=True, momentum_dtype="int8")
+    fused = kaon.Adakaon(params_f, lr=1e-2, fused="triton", momentum_dtype="int8")
     keep = []
     for i in range(3):
         set_grads(params_r, i)
@@ -446,7 +446,7 @@ def test_foreach_off_and_tiny_budget_match():
     results = []
     for options in (dict(foreach=True), dict(foreach=False), dict(foreach_stack_budget=200)):
         params = make_params(SMALL)
-        opt = kaon.Lion(params, lr=1e-3, fused=True, momentum_dtype="int8", **options)
+        opt = kaon.Lion(params, lr=1e-3, fused="triton", momentum_dtype="int8", **options)
         for i in range(2):
             set_grads(params, i)
             opt.step()
@@ -538,7 +538,7 @@ def test_adamw_fused_skips_nonfinite_and_resumes_exactly():
 @pytest.mark.parametrize("cls", [kaon.Adakaon, kaon.Lion, kaon.AdaPNM, kaon.Nekaon])
 def test_fused_step_does_not_synchronize(cls):
     params = make_params(dtype=torch.bfloat16)
-    opt = cls(params, lr=1e-3, fused=True, momentum_dtype="int8")
+    opt = cls(params, lr=1e-3, fused="triton", momentum_dtype="int8")
     set_grads(params, 0)
     opt.step()  # compile and plan
     torch.cuda.synchronize()
@@ -554,9 +554,9 @@ def test_fused_step_does_not_synchronize(cls):
 @pytest.mark.parametrize("cls", [kaon.Adakaon, kaon.Lion, kaon.AdaPNM, kaon.Nekaon])
 def test_cuda_graph_capture_of_step(cls):
     params = make_params()
-    opt = cls(params, lr=1e-3, fused=True, momentum_dtype="int8")
+    opt = cls(params, lr=1e-3, fused="triton", momentum_dtype="int8")
     twin = clone_params(params)
-    ref = cls(twin, lr=1e-3, fused=True, momentum_dtype="int8")
+    ref = cls(twin, lr=1e-3, fused="triton", momentum_dtype="int8")
     set_grads(params, 0)
     set_grads(twin, 0)
     stream = torch.cuda.Stream()

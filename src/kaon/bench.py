@@ -12,7 +12,7 @@ Every row also reports the bytes a step must move (each parameter read and writt
 gradient read, each state tensor read and written: ``2 P + G + 2 S``) and, on CUDA, the
 bandwidth that implies at the median step time as a fraction of the device's peak memory
 bandwidth (from its memory clock and bus width, a table of known devices, or ``peak_gbps``).
-On CUDA the default rows add kaon's Triton kernels (``fused=True``: Adakaon and Lion with int8
+On CUDA the default rows add kaon's Triton kernels (``fused="triton"``: Adakaon and Lion with int8
 momentum) and the 8-bit / 4-bit AdamW of bitsandbytes and torchao when they are installed
 (:func:`kernel_configs`; ``kaon bench --kernels`` adds them on any device, where rows that
 cannot run there are skipped with a note).
@@ -472,7 +472,7 @@ def baseline_configs() -> list[Config]:
     """``torch.optim.AdamW`` with ``foreach=True`` (the ratio baseline) and ``fused=True``."""
     return [
         Config(BASELINE, "torch.optim.AdamW", {"lr": LR, "foreach": True}),
-        Config(FUSED, "torch.optim.AdamW", {"lr": LR, "fused": True}, optional=True),
+        Config(FUSED, "torch.optim.AdamW", {"lr": LR, "fused": "triton"}, optional=True),
     ]
 
 
@@ -486,10 +486,10 @@ def kernel_configs() -> list[Config]:
     """
     return [
         Config("Adakaon int8 fused", "Adakaon", {"lr": LR, "momentum_dtype": "int8",
-                                                 "fused": True}, optional=True),
+                                                 "fused": "triton"}, optional=True),
         Config("Adakaon 4bit fused", "Adakaon", {"lr": LR, "momentum_dtype": "4bit",
-                                                 "fused": True}, optional=True),
-        Config("Lion int8 fused", "Lion", {"lr": LR, "momentum_dtype": "int8", "fused": True},
+                                                 "fused": "triton"}, optional=True),
+        Config("Lion int8 fused", "Lion", {"lr": LR, "momentum_dtype": "int8", "fused": "triton"},
                optional=True),
         Config("Lion int8", "Lion", {"lr": LR, "momentum_dtype": "int8", "fused": False}),
         Config("kaon AdamW int8", "AdamW", {"lr": LR, "state_dtype": "int8"}),

@@ -101,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="parameter and gradient dtype (default float32)")
     b.add_argument("--seed", type=int, default=0, help="seed of parameters and gradients")
     b.add_argument("--kernels", action="store_true",
-                   help="add kaon's Triton kernels (fused=True) and the 8/4-bit AdamWs of "
+                   help="add kaon's Triton kernels (fused='triton') and the 8/4-bit AdamWs of "
                    "bitsandbytes and torchao (the default on cuda); rows that cannot run on the "
                    "device are skipped with a note")
     b.add_argument("--peak-gbps", type=float, metavar="GBPS",

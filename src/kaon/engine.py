@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from kaon import distributed as _distributed
+from kaon import fused as _fused
 from kaon import precision
 from kaon.state.codecs import Codec, FloatCodec
 
@@ -40,7 +41,8 @@ if TYPE_CHECKING:
     from kaon.optimizer import KaonOptimizer
 
 __all__ = ["Slot", "Batch", "Workspace", "run_group", "stack_budget", "effective_cutoff",
-           "chunk_state", "gradients_checked_once", "reset_state"]
+           "chunk_state", "gradients_checked_once", "reset_state", "run_chunk",
+           "run_statistics_chunk", "screen_gradients", "GRAD_SAFE_MAX"]
 
 SHIFT = "shift"
 _MAX_PLANS_PER_GROUP = 8
@@ -121,7 +123,9 @@ class Batch:
 
     @property
     def size(self) -> int:
-        return len(self.params)
+        """The number of tensors in the batch (``grad.shape[0]``; on the fused path ``params``
+        is empty)."""
+        return self.grad.shape[0]
 
     def as_stored(self, name: str, value: Tensor) -> Tensor:
         """``value`` (fp32, shaped like slot ``name``) as it reads back after being stored.
@@ -391,17 +395,18 @@ def run_group(opt: KaonOptimizer, group: dict, params: list[Tensor], *,
     if plan_only:
         return []
     if statistics is not None:
-        return [(chunk.params, _run_chunk(opt, group, chunk, statistics, reads))
+        return [(chunk.params, run_statistics_chunk(opt, group, chunk, statistics, reads))
                 for chunk in chunks]
     # the state exists and matches the layout now: an optimizer may run a fused kernel instead
     if opt.fused_step(group, params):
         return []
     # a chunk kernel (kaon.kernels) runs the rule on the chunk's own state, or declines it
     kernel = getattr(opt, "_kernel", None)
+    fused = _fused.wanted(opt, group, params)
     for chunk in chunks:
         if kernel is not None and kernel.run(opt, group, chunk):
             continue
-        _run_chunk(opt, group, chunk)
+        run_chunk(opt, group, chunk, fused)
     return []
 
 
@@ -502,83 +507,127 @@ def screen_gradients(flat: Tensor) -> tuple[Tensor | None, Tensor | None]:
     return finite, scale
 
 
-def _run_chunk(opt: KaonOptimizer, group: dict, chunk: _Chunk,
-               statistics: Statistics | None = None, reads: Collection[str] = ()) -> Tensor | None:
-    params, view, slots = chunk.params, chunk.view, chunk.slots
-    if statistics is not None:
-        slots = tuple(slot for slot in slots if slot.name in reads)
-    states = [opt.state[p] for p in params]
-    grad = _gather_grads(opt, chunk)
-    if group.get("maximize", False):
-        grad = -grad
-    if len(params) == 1:
-        stored = {key: states[0][key].unsqueeze(0) for slot in slots for key in slot.state_keys()}
+def _screen(opt: KaonOptimizer, chunk: _Chunk, grad: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Phase 1b: the chunk's gradient screen (:func:`screen_gradients`) under the optimizer's
+    ``nonfinite_grad`` policy, reusing an earlier pass's result inside
+    :func:`gradients_checked_once`. Returns the (possibly rescaled) gradient and ``finite``."""
+    if opt.nonfinite_grad == "none":
+        return grad, None
+    memo = getattr(opt, "_finite_memo", None)
+    seen = memo.get(id(chunk)) if memo is not None else None
+    if seen is not None and seen[0] is chunk:
+        finite, scale = seen[1], seen[2]  # checked by an earlier pass of this step
     else:
-        stored = _packed_state(opt, chunk, states)
+        finite, scale = screen_gradients(grad.reshape(len(chunk.params), -1))
+        if opt.nonfinite_grad != "skip":
+            finite = None  # "raise": every gradient was checked finite before the step
+        if memo is not None:
+            # the chunk is kept alive with its result, so its id cannot be reused meanwhile
+            memo[id(chunk)] = (chunk, finite, scale)
+    if scale is not None:
+        grad = grad * scale.view(-1, *([1] * len(chunk.view)))  # a new tensor: p.grad is kept
+    return grad, finite
 
-    finite = None
-    if opt.nonfinite_grad != "none":
-        memo = getattr(opt, "_finite_memo", None)
-        seen = memo.get(id(chunk)) if memo is not None else None
-        if seen is not None and seen[0] is chunk:
-            finite, scale = seen[1], seen[2]  # checked by an earlier pass of this step
-        else:
-            finite, scale = screen_gradients(grad.reshape(len(params), -1))
-            if opt.nonfinite_grad != "skip":
-                finite = None  # "raise": every gradient was checked finite before the step
-            if memo is not None:
-                # the chunk is kept alive with its result, so its id cannot be reused meanwhile
-                memo[id(chunk)] = (chunk, finite, scale)
-        if scale is not None:
-            grad = grad * scale.view(-1, *([1] * len(view)))  # a new tensor: p.grad is kept
 
+def _decode(opt: KaonOptimizer, slots: tuple[Slot, ...], stored: dict[str, Tensor],
+            grad: Tensor, finite: Tensor | None) -> dict[str, Tensor]:
+    """Phase 1c: the stored state decoded to fp32 (into workspace buffers where it can)."""
     decoded = {}
     for slot in slots:
         if slot.name == SHIFT:
             continue
         raw = {sfx: stored[slot.name + sfx] for sfx in slot.codec.suffixes}
         out = None
-        if slot.shape == view and slot.codec.decodes_into:
+        if slot.shape == tuple(grad.shape[1:]) and slot.codec.decodes_into:
             out = opt._workspace.take("state:" + slot.name, grad.shape, grad.device)
         value = slot.codec.decode(raw, slot.shape, out=out)
         if finite is not None and value.data_ptr() == raw[""].data_ptr():
             value = value.clone()  # the rule may write in place; masking needs the old values
         decoded[slot.name] = value
-    batch = Batch(grad, decoded, group, params, view, opt._workspace, chunk.same_shape,
-                  {slot.name: slot for slot in slots}, finite)
-    batch.param_writable = (statistics is None and finite is None and len(params) == 1
-                            and params[0].dtype == torch.float32
-                            and params[0].is_contiguous())
-    if statistics is not None:
-        stats, new_state = statistics(batch)
-        for slot in slots:
-            if slot.name in new_state:
-                for suffix, tensor in slot.codec.encode(new_state[slot.name]).items():
-                    key = slot.name + suffix
-                    _store(_keep_where(finite, tensor, stored[key]), stored[key])
-        return stats
-    delta, new_state = opt.update(batch)
-    shift = stored.get(SHIFT)
-    new_shift = None
-    if delta is None:  # the rule wrote p - delta into batch.param itself (param_writable)
-        if not batch.param_writable:
-            raise RuntimeError(f"{type(opt).__name__}: the update rule returned no step for a "
-                               "batch whose parameters it may not write")
-    else:
-        if finite is not None:
-            delta = torch.where(finite.view(-1, *([1] * len(view))), delta, 0.0)
-        # parameters first: encoding may reuse the rule's fp32 outputs as scratch space
-        low_precision = params[0].dtype in precision.LOW_PRECISION
-        new_shift = precision.apply_step(
-            params, delta, group.get("bf16_method", "stochastic_rounding"),
-            opt._generator(params[0].device),
-            batch.param if low_precision else None, shift,
-        )
+    return decoded
+
+
+def _encode(slots: tuple[Slot, ...], new_state: dict[str, Tensor], stored: dict[str, Tensor],
+            finite: Tensor | None) -> None:
+    """Phase 3: encode the rule's new state into the stored tensors (tensors whose gradient
+    was not finite keep their old state). Slots missing from ``new_state`` are kept."""
     for slot in slots:
-        if slot.name == SHIFT:
+        if slot.name == SHIFT or slot.name not in new_state:
             continue
         for suffix, tensor in slot.codec.encode(new_state[slot.name]).items():
             key = slot.name + suffix
             _store(_keep_where(finite, tensor, stored[key]), stored[key])
+
+
+def _write_back(opt: KaonOptimizer, group: dict, batch: Batch, delta: Tensor | None,
+                stored: dict[str, Tensor]) -> None:
+    """Phase 4: ``p <- p - delta`` in the parameters' dtype with the group's precision method
+    (tensors whose gradient was not finite are left exactly as they were)."""
+    params, finite = batch.params, batch.finite
+    if delta is None:  # the rule wrote p - delta into batch.param itself (param_writable)
+        if not batch.param_writable:
+            raise RuntimeError(f"{type(opt).__name__}: the update rule returned no step for a "
+                               "batch whose parameters it may not write")
+        return
+    if finite is not None:
+        delta = torch.where(finite.view(-1, *([1] * len(batch.view))), delta, 0.0)
+    low_precision = params[0].dtype in precision.LOW_PRECISION
+    shift = stored.get(SHIFT)
+    new_shift = precision.apply_step(
+        params, delta, group.get("bf16_method", "stochastic_rounding"),
+        opt._generator(params[0].device), batch.param if low_precision else None, shift,
+    )
     if new_shift is not None and shift is not None:
         _store(_keep_where(finite, new_shift, shift), shift)
+
+
+def _chunk_inputs(opt: KaonOptimizer, group: dict, chunk: _Chunk, slots: tuple[Slot, ...]
+                  ) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
+    """Phase 1: gather the fp32 gradients, the stored state and the screen's result."""
+    grad = _gather_grads(opt, chunk)
+    if group.get("maximize", False):
+        grad = -grad
+    grad, finite = _screen(opt, chunk, grad)
+    return grad, _stored(opt, chunk, slots), finite
+
+
+def _stored(opt: KaonOptimizer, chunk: _Chunk, slots: tuple[Slot, ...]) -> dict[str, Tensor]:
+    states = [opt.state[p] for p in chunk.params]
+    if len(chunk.params) == 1:
+        return {key: states[0][key].unsqueeze(0) for slot in slots for key in slot.state_keys()}
+    return _packed_state(opt, chunk, states)
+
+
+def run_chunk(opt: KaonOptimizer, group: dict, chunk: _Chunk, fused: bool = False) -> None:
+    """Run the update rule over one chunk: gather and decode, the rule, encode, write back.
+
+    With ``fused`` the chunk runs on the compiled path (:mod:`kaon.fused`), which traces these
+    same phases and the same rule into one kernel; if it cannot compile, the phases run here.
+    """
+    if fused and _fused.run_chunk(opt, group, chunk, _stored(opt, chunk, chunk.slots)):
+        return
+    grad, stored, finite = _chunk_inputs(opt, group, chunk, chunk.slots)
+    decoded = _decode(opt, chunk.slots, stored, grad, finite)
+    batch = Batch(grad, decoded, group, chunk.params, chunk.view, opt._workspace,
+                  chunk.same_shape, {slot.name: slot for slot in chunk.slots}, finite)
+    params = chunk.params
+    batch.param_writable = (finite is None and len(params) == 1
+                            and params[0].dtype == torch.float32 and params[0].is_contiguous())
+    delta, new_state = opt.update(batch)
+    # parameters first: encoding may reuse the rule's fp32 outputs as scratch space
+    _write_back(opt, group, batch, delta, stored)
+    _encode(chunk.slots, new_state, stored, finite)
+
+
+def run_statistics_chunk(opt: KaonOptimizer, group: dict, chunk: _Chunk, statistics: Statistics,
+                         reads: Collection[str]) -> Tensor:
+    """A statistics pass over one chunk (see :func:`run_group`): only the slots in ``reads`` are
+    decoded, no parameter is written, the slots the pass returns are encoded back."""
+    slots = tuple(slot for slot in chunk.slots if slot.name in reads)
+    grad, stored, finite = _chunk_inputs(opt, group, chunk, slots)
+    decoded = _decode(opt, slots, stored, grad, finite)
+    batch = Batch(grad, decoded, group, chunk.params, chunk.view, opt._workspace,
+                  chunk.same_shape, {slot.name: slot for slot in slots}, finite)
+    stats, new_state = statistics(batch)
+    _encode(slots, new_state, stored, finite)
+    return stats

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "sum", "sum_squares", "mean", "slice_rms", "rms_clip_", "cautious", "centralize",
+    "sum", "sum_squares", "slice_sum", "mean", "slice_rms", "rms_clip_", "cautious", "centralize",
     "newton_schulz", "NS_COEFFICIENTS", "slice_by_slice",
 ]
 
@@ -26,7 +26,9 @@ def _chunked(x: Tensor, dim: int, reduce, combine) -> Tensor:
     if dim not in (-1, -2):
         raise ValueError(f"dim must be -1 or -2; got {dim}")
     size = x.shape[dim]
-    if size <= _CHUNK:
+    if size <= _CHUNK or torch.compiler.is_compiling():
+        # compiled (the fused path): the generated loop reduces each slice in its own order,
+        # so the fixed chunks would only cost index arithmetic
         return reduce(x, dim)
     head = size - size % _CHUNK
     if dim == -1:
@@ -62,7 +64,7 @@ def dot(x: Tensor, y: Tensor) -> Tensor:
     """``sum(x * y)`` over the last dim (same shapes), chunked like :func:`sum`, without a
     temporary for the product."""
     size = x.shape[-1]
-    if size <= _CHUNK:
+    if size <= _CHUNK or torch.compiler.is_compiling():
         return torch.linalg.vecdot(x, y, dim=-1)
     head = size - size % _CHUNK
     shape = (*x.shape[:-1], head // _CHUNK, _CHUNK)
@@ -78,14 +80,28 @@ def mean(x: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
     return sum(x, dim=dim, keepdim=keepdim) / x.shape[dim]
 
 
+def slice_sum(x: Tensor, squares: bool = False) -> Tensor:
+    """Sum (of squares, with ``squares``) over every dim but the batch dim: ``[N]``.
+
+    Eager: over the flattened slice with :func:`sum`'s fixed chunks (batch-independent).
+    Compiled (the fused path): over the slice's own dims, which the generated loop reads in
+    place; flattening a slice that is combined with per-row factors would cost the generated
+    code a division per element to find each element's row.
+    """
+    if torch.compiler.is_compiling():
+        dims = tuple(range(1, x.ndim))
+        return (x * x).sum(dim=dims) if squares else x.sum(dim=dims)
+    flat = x.reshape(x.shape[0], -1)
+    return sum_squares(flat, dim=-1) if squares else sum(flat, dim=-1)
+
+
 def _per_slice(values: Tensor, like: Tensor) -> Tensor:
     return values.view(like.shape[0], *([1] * (like.ndim - 1)))
 
 
 def slice_rms(x: Tensor) -> Tensor:
     """Root mean square of every slice, shaped ``[N, 1, ...]``."""
-    flat = x.reshape(x.shape[0], -1)
-    return _per_slice(sum_squares(flat, dim=-1).div_(flat.shape[1]).sqrt_(), x)
+    return _per_slice(slice_sum(x, squares=True).div_(x[0].numel()).sqrt_(), x)
 
 
 def rms_clip_(update: Tensor, threshold: float) -> Tensor:
@@ -109,7 +125,7 @@ def cautious(
     """
     mask = torch.mul(step, grad, out=out).gt_(0.0)
     numel = mask[0].numel()
-    count = sum(mask.reshape(mask.shape[0], -1), dim=-1)
+    count = slice_sum(mask)
     factor = _per_slice(numel / count.clamp_min_(1e-8 * numel), mask)
     return mask.mul_(step).mul_(factor * scale)
 

@@ -95,19 +95,24 @@ class KaonOptimizer(torch.optim.Optimizer):
     seed (int | None, default None)
         Seed of the stochastic-rounding random stream; ``None`` takes ``torch.initial_seed()``.
         The stream's state is saved in ``state_dict()``.
-    fused (bool | None, default None)
-        Run the rule with kaon's Triton kernel where one is registered for the optimizer
-        (:mod:`kaon.kernels`; Adakaon, Nekaon, Lion, AdaPNM, AdamW). ``None``: automatically when CUDA and Triton
-        are present; ``True``: always (``RuntimeError`` without Triton or without a CUDA device,
-        unless ``TRITON_INTERPRET=1``; ``ValueError`` when the optimizer has no kernel);
-        ``False``: never. A chunk the kernel cannot run exactly (Kahan or fp16 weights,
-        non-contiguous tensors, a CPU tensor) runs the reference rule. Same state format.
+    fused (bool | "triton" | None, default None)
+        Run each chunk's whole step (decode, rule, masking, encode, write-back) as kernels
+        compiled by ``torch.compile`` from the rule itself (:mod:`kaon.fused`). ``None``: on the
+        CPU for groups of at least :data:`kaon.fused.MIN_NUMEL` elements (4,194,304; below that
+        the seconds of compiling would not pay off), where the class is validated on it
+        (``fusable``) and ``torch.compile`` works; ``True``: always; ``False``: never (the eager
+        rule). Where compiling fails, the eager rule runs and one warning says why. ``"triton"``:
+        kaon's hand-written Triton kernel where one is registered (:mod:`kaon.kernels`; Adakaon,
+        Nekaon, Lion, AdaPNM, AdamW; ``RuntimeError`` without Triton or a CUDA device unless
+        ``TRITON_INTERPRET=1``). Every path keeps the same state format and checkpoints.
     """
 
     #: per-hyperparameter checks, run on the defaults and on every added group
     hyperparameter_checks: ClassVar[dict[str, Check]] = {}
     #: group keys whose change alters the state layout (triggers re-planning and layout checks)
     layout_keys: ClassVar[tuple[str, ...]] = ("bf16_method",)
+    #: whether ``fused=None`` may run the class on the compiled path (validated on it)
+    fusable: ClassVar[bool] = True
     #: worst-case transient fp32 bytes per element of a batched step (sizes the stack budget)
     bytes_per_element: ClassVar[int] = 48
     #: upstream argument name -> its kaon mapping or refusal (:mod:`kaon.upstream`); applied to
@@ -177,8 +182,9 @@ class KaonOptimizer(torch.optim.Optimizer):
         self._generators: dict[torch.device, torch.Generator] = {}
         self._plans: dict[Any, Any] = {}
         self._workspace = engine.Workspace()
-        self._fused = fused
         self._kernel = kernels.resolve(self, fused)  # raises before anything is stored
+        self._fused = fused
+        self._fused_broken: str | None = None
         super().__init__(params, defaults)
 
     # ---------------------------------------------------------------- what a subclass supplies
@@ -263,6 +269,7 @@ class KaonOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("seed", 0)
         self.__dict__.setdefault("_fused", None)
         self.__dict__.setdefault("_kernel", None)
+        self.__dict__.setdefault("_fused_broken", None)
         self._plans = {}
         self._workspace = engine.Workspace()
         self._generators = {}

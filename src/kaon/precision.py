@@ -20,10 +20,13 @@ group's ``bf16_method`` chooses:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-__all__ = ["BF16_METHODS", "LOW_PRECISION", "stochastic_round", "apply_step", "needs_shift"]
+__all__ = ["BF16_METHODS", "LOW_PRECISION", "stochastic_round", "stochastic_round_with",
+           "rounding_noise", "round_toward_zero", "apply_step", "copy_back", "needs_shift"]
 
 BF16_METHODS = ("stochastic_rounding", "kahan", "none")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -34,15 +37,28 @@ def needs_shift(dtype: torch.dtype, method: str) -> bool:
     return method == "kahan" and dtype in LOW_PRECISION
 
 
-def stochastic_round(x: Tensor, dtype: torch.dtype, generator: torch.Generator) -> Tensor:
-    """Unbiased stochastic rounding of fp32 ``x`` to ``dtype`` (bfloat16 or float16)."""
+def rounding_noise(shape: torch.Size | tuple[int, ...], dtype: torch.dtype,
+                   generator: torch.Generator) -> Tensor:
+    """The random draw that stochastic rounding of an fp32 tensor of ``shape`` to ``dtype``
+    consumes from ``generator``: for bfloat16 ``ceil(numel / 4)`` int64 words (each gives four
+    16-bit noises, 4x fewer calls into the generator than one draw per noise), for float16
+    uniform fp32 draws shaped ``shape``. The eager and the fused write-back use it alike, so
+    both consume the same stream."""
     if dtype == torch.bfloat16:
-        # one 64-bit draw gives four 16-bit noises: 4x fewer calls into the generator than
-        # drawing each noise alone. An int16 lane plus 32768 is uniform on [0, 2**16).
-        words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device)
-        words.random_(-(2**63), None, generator=generator)
-        noise = words.view(torch.int16)[: x.numel()].view(x.shape).to(torch.int32)
-        bits = noise.add_(x.contiguous().view(torch.int32)).add_(1 << 15)
+        numel = math.prod(shape)
+        words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=generator.device)
+        return words.random_(-(2**63), None, generator=generator)
+    if dtype == torch.float16:
+        return torch.rand(shape, device=generator.device, generator=generator)
+    raise ValueError(f"stochastic rounding supports bfloat16 and float16; got {dtype}")
+
+
+def stochastic_round_with(x: Tensor, dtype: torch.dtype, noise: Tensor) -> Tensor:
+    """Stochastic rounding of fp32 ``x`` to ``dtype`` with the draw of :func:`rounding_noise`."""
+    if dtype == torch.bfloat16:
+        # an int16 lane plus 32768 is uniform on [0, 2**16)
+        lanes = noise.view(torch.int16)[: x.numel()].view(x.shape).to(torch.int32)
+        bits = lanes.add_(x.contiguous().view(torch.int32)).add_(1 << 15)
         return bits.bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
     if dtype == torch.float16:
         nearest = x.to(torch.float16)
@@ -50,10 +66,16 @@ def stochastic_round(x: Tensor, dtype: torch.dtype, generator: torch.Generator) 
         toward = torch.where(near32 < x, torch.inf, -torch.inf).to(torch.float16)
         other = torch.nextafter(nearest, toward)
         # probability of taking the other neighbour: distance to nearest / spacing
-        chance = (x - near32).abs_() / (other.float() - near32).abs_()
-        draw = torch.rand(x.shape, device=x.device, generator=generator)
-        return torch.where(draw < chance, other, nearest)
+        chance = (x - near32).abs() / (other.float() - near32).abs()
+        return torch.where(noise < chance, other, nearest)
     raise ValueError(f"stochastic rounding supports bfloat16 and float16; got {dtype}")
+
+
+def stochastic_round(x: Tensor, dtype: torch.dtype, generator: torch.Generator) -> Tensor:
+    """Unbiased stochastic rounding of fp32 ``x`` to ``dtype`` (bfloat16 or float16)."""
+    if dtype not in LOW_PRECISION:
+        raise ValueError(f"stochastic rounding supports bfloat16 and float16; got {dtype}")
+    return stochastic_round_with(x, dtype, rounding_noise(x.shape, dtype, generator))
 
 
 def apply_step(
@@ -88,18 +110,23 @@ def apply_step(
             raise RuntimeError("kahan write-back needs its compensation buffer")
         target = target.add_(shift)
         rounded = target.to(dtype)
-        new_shift = _round_toward_zero(target.sub_(rounded.float()), dtype)
+        new_shift = round_toward_zero(target.sub_(rounded.float()), dtype)
     elif method == "stochastic_rounding":
         if generator is None:
             raise RuntimeError("stochastic rounding needs a generator")
         rounded = stochastic_round(target, dtype, generator)
     else:
         rounded = target.to(dtype)
-    if len(params) == 1:
-        params[0].copy_(rounded[0].view_as(params[0]))
-    else:
-        torch._foreach_copy_(params, _slices_like(rounded, params))
+    copy_back(params, rounded)
     return new_shift
+
+
+def copy_back(params: list[Tensor], stacked: Tensor) -> None:
+    """Write ``stacked[i]`` (any shape with ``params[i]``'s numel) into every ``params[i]``."""
+    if len(params) == 1:
+        params[0].copy_(stacked[0].view_as(params[0]))
+    else:
+        torch._foreach_copy_(params, _slices_like(stacked, params))
 
 
 def _slices_like(stacked: Tensor, params: list[Tensor]) -> list[Tensor]:
@@ -110,7 +137,7 @@ def _slices_like(stacked: Tensor, params: list[Tensor]) -> list[Tensor]:
     return [s.view_as(p) for s, p in zip(stacked.unbind(0), params)]
 
 
-def _round_toward_zero(x: Tensor, dtype: torch.dtype) -> Tensor:
+def round_toward_zero(x: Tensor, dtype: torch.dtype) -> Tensor:
     """Round fp32 ``x`` to ``dtype`` toward zero.
 
     Used for the Kahan residual: a residual rounded to nearest can land exactly on half a

@@ -69,12 +69,17 @@ def kernel_for(cls: type) -> Any | None:
     return registered().get(cls)
 
 
-def resolve(opt: KaonOptimizer, fused: bool | None) -> Any | None:
-    """The kernel ``opt`` runs with for its ``fused`` argument; raises for an impossible True."""
+def resolve(opt: KaonOptimizer, fused: bool | str | None) -> Any | None:
+    """The hand-written kernel ``opt`` runs with for its ``fused`` argument (or None).
+
+    ``"triton"`` asks for it (raises when impossible); ``None`` takes it only where
+    :func:`auto_enabled` allows; ``True`` and ``False`` never do (``True`` is the compiled path
+    of :mod:`kaon.fused`, derived from the rule itself).
+    """
     owner = type(opt).__name__
-    if fused is not None and not isinstance(fused, bool):
-        raise TypeError(f"{owner}: fused must be True, False or None; got {fused!r}")
-    if fused is False:
+    if fused is not None and not isinstance(fused, bool) and fused != "triton":
+        raise TypeError(f"{owner}: fused must be True, False, None or 'triton'; got {fused!r}")
+    if fused is False or fused is True:
         return None
     kernel = kernel_for(type(opt))
     if fused is None:
@@ -85,17 +90,17 @@ def resolve(opt: KaonOptimizer, fused: bool | None) -> Any | None:
     if kernel is None:
         names = ", ".join(sorted(c.__name__ for c in registered()))
         raise ValueError(
-            f"{owner}: fused=True, but kaon has no fused kernel for {owner} (it has one for "
-            f"{names}); use fused=False or None"
+            f"{owner}: fused='triton', but kaon has no Triton kernel for {owner} (it has one "
+            f"for {names}); use fused=True (the compiled path), False or None"
         )
     if not triton_available():
         raise RuntimeError(
-            f"{owner}: fused=True needs Triton, which is not installed (pip install triton, or "
-            "kaon[triton]); use fused=None to run the reference rule where Triton is missing"
+            f"{owner}: fused='triton' needs Triton, which is not installed (pip install triton, "
+            "or kaon[triton]); use fused=True or None"
         )
     if not torch.cuda.is_available() and not interpreter():
         raise RuntimeError(
-            f"{owner}: fused=True needs a CUDA device (no CUDA device is available; "
-            "TRITON_INTERPRET=1 runs the kernels on the CPU for testing); use fused=None"
+            f"{owner}: fused='triton' needs a CUDA device (no CUDA device is available; "
+            "TRITON_INTERPRET=1 runs the kernels on the CPU for testing); use fused=True or None"
         )
     return kernel

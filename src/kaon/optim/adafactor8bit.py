@@ -159,7 +159,7 @@ class Adafactor8Bit(KaonOptimizer, names=("Adafactor8Bit",)):
         scale_weight_decay (bool, default True): weight decay scaled by alpha instead of rho.
         bf16_method (str, default "stochastic_rounding"): "stochastic_rounding", "kahan" or
             "none" for bf16/fp16 parameters.
-        foreach, foreach_batch_cutoff, foreach_stack_budget, nonfinite_grad, seed: see
+        foreach, foreach_batch_cutoff, foreach_stack_budget, nonfinite_grad, seed, fused: see
             :class:`kaon.optimizer.KaonOptimizer` (``seed`` also varies APOLLO's projections).
 
     State per parameter (plain tensors): ``step`` (fp32 scalar); ``row`` [R] / ``col`` [C] or
@@ -301,6 +301,7 @@ class Adafactor8Bit(KaonOptimizer, names=("Adafactor8Bit",)):
         foreach_stack_budget: int | None = None,
         nonfinite_grad: str = "skip",
         seed: int | None = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, beta1=beta1, beta2=beta2, beta2_decay=beta2_decay, beta3=beta3, eps=eps,
@@ -326,6 +327,7 @@ class Adafactor8Bit(KaonOptimizer, names=("Adafactor8Bit",)):
         super().__init__(
             params, defaults, foreach=foreach, foreach_batch_cutoff=foreach_batch_cutoff,
             foreach_stack_budget=foreach_stack_budget, nonfinite_grad=nonfinite_grad, seed=seed,
+            fused=fused,
         )
         self.register_step_pre_hook(lambda opt, args, kwargs: opt._sync_momentum())
 

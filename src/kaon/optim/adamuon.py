@@ -127,6 +127,9 @@ class AdaMuon(KaonOptimizer, names=("AdaMuon",)):
         loss.backward(); opt.step(); opt.zero_grad()
     """
 
+    #: not on the compiled path by default (``fused=None``): Newton-Schulz is matmul-bound (nothing to fuse); ``compile=True`` compiles its rule
+    fusable = False
+
     #: K-Optimizers arguments kaon maps or refuses (docs/migrating.md)
     upstream_arguments = upstream.k_optimizers_auto_lr()
     hyperparameter_checks = {

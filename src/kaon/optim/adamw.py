@@ -189,12 +189,10 @@ class AdamW(KaonOptimizer, names=("AdamW",)):
         fused (bool or None, default None): None: torch's fused kernel whenever it computes
             exactly this step (float32 state, fp32 parameters and gradients, a device torch has
             the kernel for, all gradients finite under ``nonfinite_grad="skip"``), else kaon's
-            Triton kernel when CUDA and Triton are present (quantized state, bf16 weights; see
-            docs/kernels.md), else the engine; True: the same, but where a setting or a
-            parameter rules torch's kernel out and kaon's is not available, ``ValueError`` when
-            the group is made (``state_dtype``, a bf16, 0-D or strided parameter) or
-            ``RuntimeError`` at ``step()`` (a gradient of another dtype or layout);
-            False: neither.
+            compiled path (:mod:`kaon.fused`: quantized state, bf16 weights) under its default
+            policy, else the engine's eager rule; True: torch's kernel where exact, else always
+            the compiled path; False: neither (the eager rule). kaon's hand-written Triton
+            kernel is not chosen by ``fused``; see docs/kernels.md.
         capturable, differentiable (bool, default False): accepted for torch compatibility;
             True raises ``ValueError`` (not supported).
         state_dtype (str or pair, default "float32"): storage of the moments: "float32",
@@ -267,9 +265,9 @@ class AdamW(KaonOptimizer, names=("AdamW",)):
             params, defaults, foreach=True if foreach is None else foreach,
             foreach_batch_cutoff=foreach_batch_cutoff, foreach_stack_budget=foreach_stack_budget,
             nonfinite_grad=nonfinite_grad, seed=seed,
-            # kaon's Triton kernel (kaon.kernels) for what torch's kernel cannot run exactly
-            # (quantized state, bf16 weights): automatic on CUDA with Triton, never if False
-            fused=False if fused is False else None,
+            # what torch's kernel cannot run exactly (quantized state, bf16 weights) runs on
+            # kaon's compiled path (kaon.fused) under its policy: always if True, never if False
+            fused=fused,
         )
 
     def state_slots(self, p: Tensor, group: dict[str, Any], view: tuple[int, ...]) -> list[Slot]:
@@ -288,22 +286,6 @@ class AdamW(KaonOptimizer, names=("AdamW",)):
         return delta, state
 
     # ------------------------------------------------------------------ torch's fused kernel
-    def check_group(self, group: dict[str, Any], owner: str) -> None:
-        """``fused=True`` where torch's kernel cannot run and kaon's is unavailable: refused when
-        the group is made (or loaded), not at the first ``step()``."""
-        super().check_group(group, owner)
-        if group.get("fused") is not True or getattr(self, "_kernel", None) is not None:
-            return
-        blocker = None
-        if _moment_dtypes(group["state_dtype"]) != ("float32", "float32"):
-            blocker = f"state_dtype={group['state_dtype']!r} (the kernel keeps float32 state)"
-        for p in group.get("params", []):
-            if blocker is None and isinstance(p, Tensor):
-                blocker = self._param_blocker(p, with_grad=False)
-        if blocker is not None:
-            raise ValueError(f"{owner}: fused=True but {blocker}, and kaon's Triton kernel is "
-                             "not available (fused=None picks the exact path by itself)")
-
     def fused_blocker(self, group: dict[str, Any], params: list[Tensor]) -> str | None:
         """Why torch's fused kernel cannot run this step of ``params`` exactly (None: it can)."""
         if _moment_dtypes(group["state_dtype"]) != ("float32", "float32"):
@@ -337,11 +319,8 @@ class AdamW(KaonOptimizer, names=("AdamW",)):
     def fused_step(self, group: dict[str, Any], params: list[Tensor]) -> bool:
         if group["fused"] is False:
             return False
-        blocker = self.fused_blocker(group, params)
-        if blocker is not None and group["fused"] and self._kernel is None:
-            raise RuntimeError(f"AdamW: fused=True but {blocker}")
         if _moment_dtypes(group["state_dtype"]) != ("float32", "float32"):
-            return False  # the engine runs the rule, or kaon's Triton kernel (self._kernel)
+            return False  # the engine runs the rule: compiled (kaon.fused) or eager
         fusable = [p for p in params if self._param_blocker(p) is None]
         if fusable and self.nonfinite_grad != "none":
             # one read of the gradients (their largest magnitudes, which cannot overflow): a

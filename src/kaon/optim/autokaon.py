@@ -153,6 +153,9 @@ class Autokaon(Adakaon, names=("Autokaon", "Autofusion")):
         print(opt.get_d(), opt.is_frozen(), opt.frozen_lr)
     """
 
+    #: not on the compiled path by default (``fused=None``): its probe resets state between steps; not yet validated on the fused path
+    fusable = False
+
     #: the historical K-Optimizers Autokaon's arguments (its Mechanic tuner), mapped or refused
     #: (docs/migrating.md); Adakaon's entries (auto_lr, fused_tile_cap) are inherited
     upstream_arguments = {

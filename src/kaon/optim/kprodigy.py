@@ -147,6 +147,10 @@ class KProdigy(KaonOptimizer, names=("KProdigy", "K-Prodigy")):
         print(opt.get_d() * opt.param_groups[0]["lr"])  # the effective learning rate
     """
 
+    #: not on the compiled path by default (``fused=None``): its rule reads the parameters' dtypes from ``batch.params`` and it has its own compiled
+    #: kernels (``compile=True``)
+    fusable = False
+
     #: arguments of reference Prodigy (prodigyopt) and K-Prodigy / K-Optimizers' KProdigy that
     #: kaon maps or refuses (docs/migrating.md); the rest are kaon's own arguments already
     upstream_arguments = {

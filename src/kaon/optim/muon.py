@@ -177,6 +177,9 @@ class Muon(KaonOptimizer, names=("Muon",)):
                          {"params": others, "muon": False}], lr=0.02, adam_lr=3e-4)
     """
 
+    #: not on the compiled path by default (``fused=None``): Newton-Schulz is matmul-bound (nothing to fuse) and runs slice by slice
+    fusable = False
+
     supports_muon_routing: ClassVar[bool] = True
 
     hyperparameter_checks: ClassVar[dict[str, Check]] = {

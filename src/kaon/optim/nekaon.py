@@ -106,6 +106,11 @@ class Nekaon(Adakaon, names=("Nekaon",)):
         opt.eval(); validate(model); torch.save(model.state_dict(), "w.pt"); opt.train()
     """
 
+    #: not on the compiled path by default (``fused=None``): its displacement is derived from the stored momentum codes, and the compiled
+    #: division may round a code one level away from the eager one (a weight difference of that
+    #: level times k lr); fused=True runs it so
+    fusable = False
+
     hyperparameter_checks = {**Adakaon.hyperparameter_checks, "k": real(0.0)}
 
     def __init__(

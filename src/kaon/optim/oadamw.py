@@ -119,6 +119,9 @@ class OAdamW(KaonOptimizer, names=("OAdamW", "StableAdamW")):
     vision-language models", 2023 (StableAdamW); B. Warner, optimi; K. Jordan, "Muon", 2024.
     """
 
+    #: not on the compiled path by default (``fused=None``): its rule reads per-parameter state outside the batch (``batch.params``)
+    fusable = False
+
     #: the age of the cached Newton-Schulz factor (update_proj_gap), kept beside the slots
     extra_state_keys = ("accumulated_grad", "ns_factor_age")
 

@@ -89,6 +89,9 @@ class ScheduleFreeAdamW(KaonOptimizer, names=("ScheduleFreeAdamW", "schedule_fre
     Reference: A. Defazio et al., "The Road Less Scheduled", 2024.
     """
 
+    #: not on the compiled path by default (``fused=None``): not yet validated on the fused path
+    fusable = False
+
     hyperparameter_checks = {
         "lr": real(0.0),
         "betas": pair(real(0.0, 1.0, low_inclusive=False, high_inclusive=False),

@@ -162,7 +162,7 @@ def _absmax(x: Tensor) -> Tensor:
     with window = row length, which is exact and about twice as fast.
     """
     width = x.shape[-1]
-    if width < 64 and x.device.type == "cpu":
+    if width < 64 and x.device.type == "cpu" and not torch.compiler.is_compiling():
         flat = torch.abs(x).reshape(-1, 1, x.numel() // max(width, 1) * width)
         pooled = torch.nn.functional.max_pool1d(flat, width)
         return pooled.view(*x.shape[:-1], 1)
@@ -170,10 +170,15 @@ def _absmax(x: Tensor) -> Tensor:
 
 
 def _block_layout(numel: int, block: int) -> tuple[int, int]:
-    """(effective block, number of blocks) for flat blocking; block <= 0 means one block."""
-    eff = numel if block <= 0 else min(block, numel)
-    eff = max(eff, 1)
-    return eff, max(1, math.ceil(numel / eff))
+    """(effective block, number of blocks) for flat blocking; block <= 0 means one block.
+
+    Written with comparisons and floor division only (no ``min`` / ``ceil``): traced with
+    symbolic sizes on the fused path, each comparison is one guard and the block size stays a
+    constant, where ``min(block, numel)`` would carry through every index expression.
+    """
+    eff = block if 0 < block < numel else (numel if numel >= 1 else 1)
+    nblocks = (numel + eff - 1) // eff if numel >= 1 else 1
+    return eff, nblocks
 
 
 def _blocked(x: Tensor, numel: int, block: int, nblocks: int) -> Tensor:
@@ -231,6 +236,13 @@ class FourBitCodec(_BlockCodec):
         packed = stored[""]
         n = packed.shape[0]
         numel, block, nblocks = self.layout(shape)
+        if numel % block == 0 and block % 2 == 0:
+            # whole blocks of whole bytes: views only, no padding or slicing (the same values
+            # as below; traced, the index arithmetic stays linear)
+            pairs = packed.view(n, nblocks, block // 2)
+            levels = torch.stack((pairs & 0x0F, pairs >> 4), dim=-1).view(n, nblocks, block)
+            values = levels.float().sub_(8.0).mul_(stored["_scale"].unsqueeze(-1))
+            return values.view(n, *shape)
         nibbles = torch.stack((packed & 0x0F, packed >> 4), dim=-1).view(n, -1)
         levels = nibbles[:, :numel].float().sub_(8.0)
         values = _blocked(levels, numel, block, nblocks) * stored["_scale"].unsqueeze(-1)
@@ -241,8 +253,13 @@ class FourBitCodec(_BlockCodec):
         numel, block, nblocks = self.layout(tuple(x.shape[1:]))
         blocks = _blocked(x, numel, block, nblocks)
         scale = _absmax(blocks).squeeze(-1).clamp_min_(_TINY_ABSMAX) / 7.0
-        levels = blocks.div_(scale.unsqueeze(-1)).round_()
-        nibbles = levels.view(n, -1)[:, :numel].to(torch.uint8).add_(8)
+        # levels in [-7, 7] shifted to the nibbles [1, 15] before the integer conversion
+        levels = blocks.div_(scale.unsqueeze(-1)).round_().add_(8.0)
+        if numel % block == 0 and block % 2 == 0:
+            pairs = levels.to(torch.uint8).view(n, nblocks, block // 2, 2)
+            packed = pairs[..., 0] | (pairs[..., 1] << 4)
+            return {"": packed.view(n, numel // 2), "_scale": scale}
+        nibbles = levels.view(n, -1)[:, :numel].to(torch.uint8)
         if numel % 2:
             nibbles = torch.nn.functional.pad(nibbles, (0, 1))
         pairs = nibbles.view(n, -1, 2)
