@@ -235,13 +235,17 @@ def test_compile_failure_falls_back_to_the_eager_rule_with_one_warning(monkeypat
         assert torch.equal(x, y)
 
 
-def test_default_policy_compiles_only_large_cpu_groups(monkeypatch):
+def test_default_policy_compiles_only_when_enabled_and_for_large_cpu_groups(monkeypatch):
     small = make()
     opt = kaon.Adakaon(small, lr=1e-2)
     for p in small:
         p.grad = torch.zeros_like(p)
+    monkeypatch.setattr(fused, "AUTO", True)
     assert not fused.wanted(opt, opt.param_groups[0], small)  # below MIN_NUMEL: eager
     monkeypatch.setattr(fused, "MIN_NUMEL", 10)
+    monkeypatch.setattr(fused, "AUTO", False)
+    assert not fused.wanted(opt, opt.param_groups[0], small)  # fused=None: eager by default
+    monkeypatch.setattr(fused, "AUTO", True)
     assert fused.wanted(opt, opt.param_groups[0], small)
     assert not fused.wanted(kaon.Adakaon(small, fused=False), opt.param_groups[0], small)
     nekaon = kaon.Nekaon(small, lr=1e-2)  # not validated for fused=None
@@ -268,3 +272,26 @@ def test_many_parameter_shapes_compile_a_bounded_number_of_graphs():
     # 18 new shapes, new sizes for every dim: a few new graphs (dynamo specializes equal sizes,
     # such as a square matrix, and sizes 0 and 1), not one per shape
     assert counters["stats"]["unique_graphs"] - before <= 4
+
+
+def test_fused_true_runs_what_torchs_kernel_cannot_on_the_compiled_path():
+    """fused=True with int8 state, a 0-D and a bf16 parameter: torch's kernel cannot run them,
+    kaon's compiled path (kaon.fused) does, and equals the eager rule."""
+    def make():
+        g = torch.Generator().manual_seed(0)
+        return [torch.randn(64, 48, generator=g).requires_grad_(),
+                torch.randn((), generator=g).requires_grad_(),
+                torch.randn(40, generator=g).to(torch.bfloat16).requires_grad_()]
+    a, b = make(), make()
+    eager = kaon.AdamW(a, lr=1e-2, state_dtype="int8", fused=False, seed=1)
+    compiled = kaon.AdamW(b, lr=1e-2, state_dtype="int8", fused=True, seed=1)
+    for step in range(3):
+        g = torch.Generator().manual_seed(10 + step)
+        for x, y in zip(a, b):
+            x.grad = torch.randn(x.shape, generator=g).to(x.dtype)
+            y.grad = x.grad.clone()
+        eager.step()
+        compiled.step()
+    assert compiled._fused_broken is None
+    for x, y in zip(a, b):
+        assert torch.allclose(x.float(), y.float(), rtol=0, atol=1e-6), (x - y).abs().max()

@@ -148,6 +148,8 @@ class Row:
     moved_bytes: int = 0
     achieved_gbps: float = 0.0
     bandwidth_fraction: float | None = None
+    ratio_vs_fused: float | None = None
+    first_step_ms: float = 0.0
 
 
 # ------------------------------------------------------------------------------------ suites
@@ -359,6 +361,24 @@ def peak_bandwidth(device: torch.device) -> float | None:
     return None
 
 
+def copy_bandwidth(device: torch.device, mib: int = 256, repeats: int = 7) -> float:
+    """The machine's measured copy bandwidth in bytes/s: the median of ``repeats`` copies of a
+    ``mib`` MiB fp32 buffer into another (each moves ``2 x mib`` MiB: one read, one write), with
+    the current thread count. The physical limit every row's traffic is measured against."""
+    numel = mib * 2**20 // 4
+    src = torch.ones(numel, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # fault the pages in
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * numel * 4 / statistics.median(times)
+
+
 def step_bytes(params: Sequence[torch.Tensor], state_bytes: int) -> int:
     """The bytes one step must move: every parameter read and written, every gradient read,
     every state tensor read and written (``2 P + G + 2 S``). A kernel that reads something twice
@@ -385,11 +405,16 @@ def make_params(shapes: Sequence[Shape], device: torch.device | str = "cpu",
 
 
 def _measure(config: Config, params: list[torch.nn.Parameter], steps: int, warmup: int,
-             device: torch.device) -> tuple[list[float], int, int]:
-    """Step times (s), state bytes and held scratch bytes of one configuration."""
+             device: torch.device) -> tuple[list[float], int, int, float]:
+    """Step times (s), state bytes, held scratch bytes and the first step's time (s) of one
+    configuration (the first step is one of the ``warmup`` steps, never timed with them)."""
     optimizer = config.make(params)
     try:
-        for _ in range(warmup):
+        start = time.perf_counter()
+        optimizer.step()  # the first step: state creation and, on the fused path, compiling
+        _sync(device)
+        first = time.perf_counter() - start
+        for _ in range(max(0, warmup - 1)):
             optimizer.step()
         _sync(device)
         times = []
@@ -407,7 +432,7 @@ def _measure(config: Config, params: list[torch.nn.Parameter], steps: int, warmu
                     f"the tensors in optimizer.state hold {state}"
                 )
             scratch = optimizer.workspace_bytes()
-        return times, state, scratch
+        return times, state, scratch, first
     finally:
         del optimizer  # free the state before the next configuration
         gc.collect()
@@ -439,7 +464,7 @@ def run_suite(suite: str, shapes: Sequence[Shape], configs: Sequence[Config], *,
             for p, start in zip(params, initial):
                 p.copy_(start)
         try:
-            times, state, scratch = _measure(config, params, steps, warmup, device)
+            times, state, scratch, first = _measure(config, params, steps, warmup, device)
         except (RuntimeError, TypeError, ValueError, ImportError, NotImplementedError) as error:
             if not config.optional:
                 raise
@@ -453,7 +478,7 @@ def run_suite(suite: str, shapes: Sequence[Shape], configs: Sequence[Config], *,
             median_ms=statistics.median(times) * 1e3, min_ms=min(times) * 1e3,
             ratio_vs_adamw=None, steps=steps, warmup=warmup, device=str(device),
             dtype=str(dtype).removeprefix("torch."), threads=torch.get_num_threads(),
-            torch=torch.__version__,
+            torch=torch.__version__, first_step_ms=first * 1e3,
         ))
         row = rows[-1]
         row.moved_bytes = step_bytes(params, state)
@@ -462,8 +487,10 @@ def run_suite(suite: str, shapes: Sequence[Shape], configs: Sequence[Config], *,
         if peak:
             row.bandwidth_fraction = row.achieved_gbps * 1e9 / peak
     baseline = next((r.median_ms for r in rows if r.label == BASELINE), None)
+    fused_ms = next((r.median_ms for r in rows if r.label == FUSED), None)
     for row in rows:
         row.ratio_vs_adamw = row.median_ms / baseline if baseline else None
+        row.ratio_vs_fused = row.median_ms / fused_ms if fused_ms else None
     return rows
 
 
@@ -548,19 +575,22 @@ def parse_config(text: str) -> Config:
 def format_table(rows: Sequence[Row], notes: Sequence[str] = ()) -> str:
     """A plain-text table of one suite's rows, followed by ``notes``."""
     columns = ("config", "params", "state B/param", "scratch MiB", "median step ms",
-               "vs AdamW foreach", "MB moved", "GB/s", "of peak")
+               "vs AdamW foreach", "vs AdamW fused", "MB moved", "GB/s", "of limit",
+               "first step s")
     width = max([len(columns[0]), *(len(r.label) for r in rows)])
     header = (f"{columns[0]:<{width}s}  {columns[1]:>12s}  {columns[2]:>13s}  "
-              f"{columns[3]:>11s}  {columns[4]:>14s}  {columns[5]:>16s}  {columns[6]:>9s}  "
-              f"{columns[7]:>8s}  {columns[8]:>7s}")
+              f"{columns[3]:>11s}  {columns[4]:>14s}  {columns[5]:>16s}  {columns[6]:>14s}  "
+              f"{columns[7]:>9s}  {columns[8]:>8s}  {columns[9]:>8s}  {columns[10]:>12s}")
     lines = [header, "-" * len(header)]
     for row in rows:
         ratio = f"{row.ratio_vs_adamw:.2f}x" if row.ratio_vs_adamw is not None else "-"
+        fused = f"{row.ratio_vs_fused:.2f}x" if row.ratio_vs_fused is not None else "-"
         peak = f"{row.bandwidth_fraction:.0%}" if row.bandwidth_fraction is not None else "-"
         lines.append(
             f"{row.label:<{width}s}  {row.params:>12,d}  {row.state_bytes_per_param:>13.3f}  "
             f"{row.scratch_bytes / 2**20:>11.1f}  {row.median_ms:>14.2f}  {ratio:>16s}  "
-            f"{row.moved_bytes / 1e6:>9.1f}  {row.achieved_gbps:>8.1f}  {peak:>7s}"
+            f"{fused:>14s}  {row.moved_bytes / 1e6:>9.1f}  {row.achieved_gbps:>8.1f}  "
+            f"{peak:>8s}  {row.first_step_ms / 1e3:>12.2f}"
         )
     lines += list(notes)
     return "\n".join(lines)
@@ -622,6 +652,11 @@ def run(suites: Sequence[str], *, configs: Sequence[Config] | None = None, quick
     if configs:
         check_configs(configs, target, _DTYPES[dtype])
     threads = f", {torch.get_num_threads()} CPU threads" if target.type == "cpu" else ""
+    if peak_gbps is None:
+        limit = copy_bandwidth(target)
+        peak_gbps = limit / 1e9
+        out(f"measured copy bandwidth: {peak_gbps:.1f} GB/s (a 256 MiB copy, median of 7; "
+            "'of limit' below is each row's traffic as a fraction of it)")
     out(f"kaon bench: {target} ({machine_description(target)}), {dtype}, torch "
         f"{torch.__version__}{threads}; {warmup} warmup + {steps} timed steps, median; "
         f"lr {LR:g}")
@@ -642,7 +677,9 @@ def run(suites: Sequence[str], *, configs: Sequence[Config] | None = None, quick
             out(f"batched vs per-parameter loop: {speedup:.1f}x faster")
         all_rows += rows
     out("\nMB moved: the bytes a step must move (2 x parameters + gradients + 2 x state); GB/s "
-        "and of peak: that traffic at the median step time.")
+        "and of limit: that traffic at the median step time, and as a fraction of the copy "
+        "bandwidth (or --peak-gbps). first step s: the first step (state creation and, on "
+        "kaon's fused path, compiling; later processes reuse inductor's on-disk caches).")
     if any(r.scratch_bytes for r in all_rows):
         out("\nscratch MiB: kaon's reusable CPU work buffers, kept between steps; not optimizer "
             "state (release_workspace() frees them).")

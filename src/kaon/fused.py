@@ -24,9 +24,10 @@ graphs. The first step pays the compile (measured in ``docs/architecture.md``); 
 on-disk caches make later processes cheaper.
 
 Selection (the optimizer's ``fused`` argument; see :func:`wanted`): ``True`` always, ``False``
-never, ``None`` on the CPU when the class is validated on this path (``fusable``), the group
-holds at least :data:`MIN_NUMEL` elements (below that the compile would not pay for itself in a
-typical run) and ``torch.compile`` works here. Where compiling fails, the chunk runs the eager
+never, ``None`` only with ``KAON_FUSED_AUTO_COMPILE=1`` (:data:`AUTO`; measured no faster than
+eager on the CPU so far, so off by default), and then on the CPU when the class is validated on
+this path (``fusable``), the group holds at least :data:`MIN_NUMEL` elements (below that the
+compile would not pay for itself in a typical run) and ``torch.compile`` works here. Where compiling fails, the chunk runs the eager
 rule and one warning line says why; a run never silently gets slower.
 """
 
@@ -50,7 +51,13 @@ __all__ = ["MIN_NUMEL", "available", "wanted", "run_chunk", "chunk_step"]
 
 #: ``fused=None`` compiles a group's chunks when the group holds at least this many elements
 #: (``KAON_FUSED_MIN_NUMEL`` overrides it)
-MIN_NUMEL = int(os.environ.get("KAON_FUSED_MIN_NUMEL", str(1 << 22)))
+MIN_NUMEL = int(os.environ.get("KAON_FUSED_MIN_NUMEL", str(1 << 23)))
+
+#: whether ``fused=None`` compiles at all (``KAON_FUSED_AUTO_COMPILE=1``). Off by default: on the
+#: 2-core CPU measured so far the compiled step is no faster than the eager one (inductor's
+#: generated loops recompute the rule's elementwise chain in each of its reduction loops;
+#: benchmarks/RESULTS.md), so compiling by default would only add the first step's compile time
+AUTO = os.environ.get("KAON_FUSED_AUTO_COMPILE", "0") not in ("", "0")
 
 #: graphs the chunk function may keep (one per layout and flag combination)
 RECOMPILE_LIMIT = 256
@@ -73,7 +80,7 @@ def wanted(opt: KaonOptimizer, group: dict[str, Any], params: list[Tensor]) -> b
         return False
     device = params[0].device
     if setting is None:
-        if device.type != "cpu" or not type(opt).fusable:
+        if not AUTO or device.type != "cpu" or not type(opt).fusable:
             return False
         if sum(p.numel() for p in params) < MIN_NUMEL:
             return False

@@ -97,11 +97,11 @@ class KaonOptimizer(torch.optim.Optimizer):
         The stream's state is saved in ``state_dict()``.
     fused (bool | "triton" | None, default None)
         Run each chunk's whole step (decode, rule, masking, encode, write-back) as kernels
-        compiled by ``torch.compile`` from the rule itself (:mod:`kaon.fused`). ``None``: on the
-        CPU for groups of at least :data:`kaon.fused.MIN_NUMEL` elements (4,194,304; below that
-        the seconds of compiling would not pay off), where the class is validated on it
-        (``fusable``) and ``torch.compile`` works; ``True``: always; ``False``: never (the eager
-        rule). Where compiling fails, the eager rule runs and one warning says why. ``"triton"``:
+        compiled by ``torch.compile`` from the rule itself (:mod:`kaon.fused`). ``None``: the
+        eager rule (not yet faster compiled on the CPU measured so far), unless
+        ``KAON_FUSED_AUTO_COMPILE=1``: then compiled on the CPU for groups of at least
+        :data:`kaon.fused.MIN_NUMEL` elements (8,388,608) of classes validated on it
+        (``fusable``); ``True``: always; ``False``: never (the eager rule). Where compiling fails, the eager rule runs and one warning says why. ``"triton"``:
         kaon's hand-written Triton kernel where one is registered (:mod:`kaon.kernels`; Adakaon,
         Nekaon, Lion, AdaPNM, AdamW; ``RuntimeError`` without Triton or a CUDA device unless
         ``TRITON_INTERPRET=1``). Every path keeps the same state format and checkpoints.

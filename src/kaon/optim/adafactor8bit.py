@@ -145,7 +145,7 @@ class Adafactor8Bit(KaonOptimizer, names=("Adafactor8Bit",)):
         momentum_dtype (str, default "4bit"): storage of quantized momentum: "4bit", "int8",
             "bfloat16" or "float32".
         min_8bit_size (int, default 4096): smaller tensors keep fp32 state.
-        apollo_rank (int, default 0): > 0 enables APOLLO for ndim >= 2.
+        apollo_rank (int, default 0): > 0 enables APOLLO for ndim >= 2 (at most 65,536).
         apollo_update_proj_gap (int, default 200): steps between projection refreshes.
         apollo_scale_type (str, default "channel"): "channel" or "tensor".
         apollo_scale (float, default 1.0): the update is multiplied by sqrt(apollo_scale).
@@ -241,7 +241,7 @@ class Adafactor8Bit(KaonOptimizer, names=("Adafactor8Bit",)):
         "m_block_size": integer(2),
         "momentum_dtype": choice(*MOMENTUM_DTYPES),
         "min_8bit_size": integer(0),
-        "apollo_rank": integer(0),
+        "apollo_rank": integer(0, 65_536),  # a [rank, C] projection: 2**31 would take 8 GB
         "apollo_update_proj_gap": integer(1),
         "apollo_scale_type": choice(*APOLLO_SCALE_TYPES),
         "apollo_scale": real(0.0),
