@@ -16,13 +16,19 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-#: modules that compile graphs with inductor (kaon.fused, compile=True kernels); they run last
+#: the module that runs Triton's CPU interpreter, first; the fused path's module, last
+_INTERPRETED = ("test_kernels.py",)
 _COMPILING = ("test_fused.py",)
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Run the modules that compile with inductor after every other module: once inductor has
-    compiled a graph in a process, Triton's CPU interpreter (``TRITON_INTERPRET=1``, which
+    """Run Triton's interpreter tests before anything compiles, and the fused path's last: once
+    inductor has compiled a graph in a process (kaon.fused, AdaMuon's and KProdigy's
+    ``compile=True``), Triton's CPU interpreter (``TRITON_INTERPRET=1``, which
     tests/test_kernels.py uses) fails with "Cannot call @triton.jit'd outside of the scope of a
     kernel" in that process."""
-    items.sort(key=lambda item: item.path.name in _COMPILING)
+    def rank(item) -> int:
+        name = item.path.name
+        return 0 if name in _INTERPRETED else 2 if name in _COMPILING else 1
+
+    items.sort(key=rank)  # stable: the order within each rank is kept
