@@ -49,3 +49,17 @@ def assert_within_ulps(actual: Tensor, expected: Tensor, ulps: float, *of: Tenso
             f"{float(err.flatten()[worst]):.3g}, allowed {float(bound.flatten()[worst]):.3g} "
             f"(ulp {float(ulp(scale).flatten()[worst]):.3g})"
         )
+
+
+def same(a, b) -> bool:
+    """Whether two values (tensors, dicts, lists, numbers, nested) are identical: equal dtypes,
+    shapes and values, NaN equal to NaN (for "a refused input changed nothing")."""
+    if isinstance(a, Tensor):
+        return isinstance(b, Tensor) and a.dtype == b.dtype and a.shape == b.shape and \
+            bool(torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
+                                       and torch.equal(a.nan_to_num(), b.nan_to_num())))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same, a, b))
+    return a == b or (a != a and b != b)

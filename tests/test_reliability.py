@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 from conformance import OPTIMIZERS, Entry
+from numerics import same as _same
 from test_conformance import make_model, set_grads
 
 import kaon
@@ -26,18 +27,6 @@ def _finite(opt, model) -> bool:
 def _snapshot(opt, model):
     return ([p.detach().clone() for p in model.parameters()],
             copy.deepcopy(opt.state_dict()))
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and \
-            bool(torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
-                                       and torch.equal(a.nan_to_num(), b.nan_to_num())))
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same, a, b))
-    return a == b or (a != a and b != b)
 
 
 # --------------------------------------------------------------- 1: fused AdamW, strided params

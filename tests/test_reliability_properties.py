@@ -37,6 +37,7 @@ import torch
 from conformance import OPTIMIZERS, Entry
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from numerics import same as _same
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -96,18 +97,6 @@ def _all_finite(opt, params) -> str | None:
             if not all(math.isfinite(x) for x in _numbers(value)):
                 return f"param_groups[{i}][{key!r}] = {value!r}"
     return None
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and \
-            bool(torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
-                                       and torch.equal(a.nan_to_num(), b.nan_to_num())))
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same, a, b))
-    return a == b or (a != a and b != b)
 
 
 def _snapshot(opt, params):
